@@ -1,0 +1,79 @@
+# The chain, one target per stage. `make help` lists them.
+# On a fresh clone: `make test` (and, once serving lands, `make serve`) is all that is needed.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_SYSTEM ?= python3.11
+VENV          ?= .venv
+PY            := $(VENV)/bin/python
+STAMP         := $(VENV)/.installed
+DATASET       ?= fashion-mnist
+CKPT          ?= checkpoints
+REPORTS       ?= reports
+
+# Shared by the distilled student and its no-distillation baseline: the same budget for both.
+STUDENT_FLAGS ?= --arch student --epochs 12 --lr 2e-3 --weight-decay 0.05 --seed 0
+TRAIN_FLAGS   ?=
+PRUNE_FLAGS   ?=
+QUANT_FLAGS   ?=
+DISTILL_FLAGS ?= --temperature 4 --alpha 0.9
+
+CORE := fashion_cnn.py training/engine.py training/data.py training/cards.py training/cli.py
+VARIANTS := $(CKPT)/full.pt $(CKPT)/pruned.pt $(CKPT)/int8.pt $(CKPT)/distilled.pt $(CKPT)/student_baseline.pt
+
+.PHONY: help install data train report test lint clean distclean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
+
+install: $(STAMP)  ## Java 17, the data set and the project venv (.venv), installing what is missing
+
+$(STAMP): pyproject.toml scripts/check_system.sh
+	bash scripts/check_system.sh
+	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+data: $(STAMP)  ## check the data set is readable (DATASET=mnist downloads MNIST into data/)
+ifeq ($(DATASET),mnist)
+	$(PY) -m training.data --dataset mnist --data-dir data --download
+else
+	$(PY) -m training.data --dataset $(DATASET)
+endif
+
+train: $(VARIANTS) $(REPORTS)/variants.md  ## full, pruned, int8, distilled (+ the student baseline) and the report
+
+$(CKPT)/full.pt: training/train.py $(CORE) | $(STAMP)
+	$(PY) -m training.train --dataset $(DATASET) --output $@ $(TRAIN_FLAGS)
+
+$(CKPT)/pruned.pt: $(CKPT)/full.pt training/prune.py $(CORE)
+	$(PY) -m training.prune --dataset $(DATASET) --parent $< --output $@ $(PRUNE_FLAGS)
+
+$(CKPT)/int8.pt: $(CKPT)/full.pt training/quantize.py $(CORE)
+	$(PY) -m training.quantize --dataset $(DATASET) --parent $< --output $@ $(QUANT_FLAGS)
+
+$(CKPT)/distilled.pt: $(CKPT)/full.pt training/distill.py $(CORE)
+	$(PY) -m training.distill --dataset $(DATASET) --teacher $< --output $@ $(STUDENT_FLAGS) $(DISTILL_FLAGS)
+
+$(CKPT)/student_baseline.pt: training/train.py $(CORE) | $(STAMP)
+	$(PY) -m training.train --dataset $(DATASET) --output $@ --variant student-baseline $(STUDENT_FLAGS)
+
+report: $(REPORTS)/variants.md  ## Markdown table + PNG plot of the variants, from their cards
+
+$(REPORTS)/variants.md: training/report.py $(wildcard $(CKPT)/*.card.json) | $(STAMP)
+	$(PY) -m training.report --checkpoints $(CKPT) --output-dir $(REPORTS)
+
+test: $(STAMP)  ## the whole suite (trains only on small subsets)
+	$(PY) -m pytest
+
+lint: $(STAMP)  ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+clean:  ## remove built artifacts (checkpoints, reports, archives, run directories)
+	rm -rf $(CKPT) $(REPORTS) runs model_store/*.mar .pytest_cache
+
+distclean: clean  ## also the venv
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,165 @@
+"""What training and serving share: preprocessing constants, the CNN, and how a saved variant is loaded.
+
+Every `.mar` carries this one file next to its handler, so it imports nothing from the project and nothing
+beyond torch and the standard library. Change a constant here and both sides change together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+IMAGE_SIZE = 28
+NUM_CLASSES = 10
+
+# Saved forms of a variant (the card's "format" field).
+FORMAT_STATE_DICT = "state_dict"  # torch.save({"model_args": ..., "state_dict": ...}); needs FashionCNN
+FORMAT_TORCHSCRIPT = "torchscript"  # torch.jit.save of a traced module; needs no Python class
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Pixel statistics of a data set's training split (on the [0, 1] scale) and its class names."""
+
+    name: str
+    mean: float
+    std: float
+    classes: tuple[str, ...]
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "fashion-mnist": DatasetSpec(
+        name="fashion-mnist",
+        mean=0.2860,
+        std=0.3530,
+        classes=(
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
+    ),
+    "mnist": DatasetSpec(
+        name="mnist", mean=0.1307, std=0.3081, classes=tuple(str(digit) for digit in range(10))
+    ),
+}
+
+
+def normalize(images: torch.Tensor, dataset: str = "fashion-mnist") -> torch.Tensor:
+    """uint8 images (N×28×28 or N×1×28×28, white object on black as in the data sets) to the model's input."""
+    spec = DATASETS[dataset]
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    return (images.to(torch.float32) / 255.0 - spec.mean) / spec.std
+
+
+@dataclass(frozen=True)
+class CNNConfig:
+    """Widths of the CNN; the full model and every smaller variant are instances of the same design."""
+
+    conv1: int = 64
+    conv2: int = 128
+    hidden: int = 1000
+    num_classes: int = NUM_CLASSES
+    dropout: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Dropout before each fully connected layer is part of the design: the wide fc layer overfits without it, the
+# small student underfits with it.
+FULL_CONFIG = CNNConfig(dropout=0.4)
+# The distillation student: about 3.5 % of the full model's parameters.
+STUDENT_CONFIG = CNNConfig(conv1=32, conv2=64, hidden=64, dropout=0.0)
+ARCHITECTURES: dict[str, CNNConfig] = {"full": FULL_CONFIG, "student": STUDENT_CONFIG}
+
+
+class FashionCNN(nn.Module):
+    """conv(1→c1,3×3,pad 1)-ReLU-pool-conv(c1→c2,3×3,pad 1)-ReLU-pool-fc(c2·7·7→hidden)-ReLU-fc(hidden→10)."""
+
+    def __init__(
+        self,
+        conv1: int = 64,
+        conv2: int = 128,
+        hidden: int = 1000,
+        num_classes: int = NUM_CLASSES,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.config = CNNConfig(conv1, conv2, hidden, num_classes, dropout)
+        self.features = nn.Sequential(
+            nn.Conv2d(1, conv1, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(conv1, conv2, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        pooled = IMAGE_SIZE // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(conv2 * pooled * pooled, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    @classmethod
+    def from_config(cls, config: CNNConfig | dict[str, Any]) -> FashionCNN:
+        if isinstance(config, CNNConfig):
+            config = config.as_dict()
+        return cls(**config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_state_dict_checkpoint(model: FashionCNN, path: str | Path, dataset: str) -> None:
+    """Weights plus the constructor arguments (as nanoGPT saves `model_args`): loadable with weights_only=True."""
+    payload = {
+        "model_args": model.config.as_dict(),
+        "dataset": dataset,
+        "state_dict": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
+    }
+    torch.save(payload, path)
+
+
+def load_model(path: str | Path, model_format: str) -> nn.Module:
+    """Load a saved variant for inference, in eval mode, without unpickling code.
+
+    state_dict checkpoints go through `torch.load(weights_only=True)`; TorchScript archives hold no pickled
+    Python objects of ours and are loaded with `torch.jit.load`.
+    """
+    if model_format == FORMAT_STATE_DICT:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        model = FashionCNN.from_config(payload["model_args"])
+        model.load_state_dict(payload["state_dict"])
+        return model.eval()
+    if model_format == FORMAT_TORCHSCRIPT:
+        return torch.jit.load(str(path), map_location="cpu").eval()
+    raise ValueError(f"unknown model format {model_format!r}; expected {FORMAT_STATE_DICT!r} or {FORMAT_TORCHSCRIPT!r}")

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# What `make install` needs outside Python: Java 17 (TorchServe's frontend) and Fashion-MNIST.
+# As root it installs what is missing with apt; otherwise it stops and names the exact command to run.
+set -euo pipefail
+
+DATA_DIR=/usr/share/datasets/fashion-mnist
+missing=()
+
+java_major() {
+    command -v java >/dev/null 2>&1 || { echo 0; return; }
+    java -version 2>&1 | sed -nE 's/.*version "([0-9]+).*/\1/p' | head -n1
+}
+
+if [[ "$(java_major)" -lt 17 ]]; then
+    missing+=(openjdk-17-jre-headless)
+fi
+if [[ ! -f "$DATA_DIR/train-images-idx3-ubyte.gz" ]]; then
+    missing+=(dataset-fashion-mnist)
+fi
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+    echo "system: Java $(java_major) and Fashion-MNIST ($DATA_DIR) present"
+    exit 0
+fi
+
+if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "system: installing ${missing[*]} with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+    exit 0
+fi
+
+echo "system: missing ${missing[*]}. Run:" >&2
+echo "    sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
+echo "(without apt: install a Java 17 runtime, and pass --data-dir DIR with the Fashion-MNIST IDX files)" >&2
+exit 1

@@ -1,0 +1,130 @@
+"""The real training scripts, run with --dry-run, and what they leave behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fashion_cnn import FORMAT_STATE_DICT, load_model, sha256_file
+from tests.conftest import REPO, Chain, run_module
+from training.cli import DRY_RUN_TEST_IMAGES
+from training.data import load_split
+from training.quantize import packed_layers
+
+VARIANTS = ["full", "pruned", "int8", "distilled", "student_baseline"]
+CARD_FIELDS = {
+    "variant", "dataset", "format", "test_accuracy", "per_class_accuracy", "parameters", "file_bytes",
+    "sha256", "latency_ms", "recipe", "parent", "versions", "created", "model_args",
+}
+
+# Runs in a fresh interpreter that can import fashion_cnn (copied beside the weights) and torch, nothing of
+# the project's training code: what a .mar carries.
+FRESH_PROCESS = """
+import json, sys
+sys.modules["training"] = None  # any import of the training package fails here
+sys.path.insert(0, sys.argv[1])
+import torch, fashion_cnn
+assert fashion_cnn.__file__.startswith(sys.argv[1]), fashion_cnn.__file__
+card = json.load(open(sys.argv[3]))
+model = fashion_cnn.load_model(sys.argv[2], card["format"])
+subset = torch.load(sys.argv[4], weights_only=True)
+with torch.inference_mode():
+    predictions = model(fashion_cnn.normalize(subset["images"], card["dataset"])).argmax(1)
+print(json.dumps({"accuracy": (predictions == subset["labels"]).float().mean().item()}))
+"""
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_variant_has_a_complete_card(chain: Chain, name: str) -> None:
+    card = chain.card(name)
+    assert set(card) >= CARD_FIELDS
+    weights = chain.weights(name)
+    assert card["sha256"] == sha256_file(weights)
+    assert card["file_bytes"] == weights.stat().st_size
+    assert card["test_images"] == DRY_RUN_TEST_IMAGES
+    assert len(card["per_class_accuracy"]) == 10
+    assert set(card["latency_ms"]) == {"threads_1", "threads_2"}
+    assert card["recipe"]["dry_run"] is True and card["recipe"]["seed"] == 0
+    assert card["versions"]["torch"] == torch.__version__
+
+
+@pytest.mark.parametrize("name", ["pruned", "int8", "distilled"])
+def test_derived_variants_name_their_parent_by_hash(chain: Chain, name: str) -> None:
+    assert chain.card(name)["parent"]["sha256"] == sha256_file(chain.weights("full"))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_fresh_process_with_only_the_model_module_reproduces_the_card(
+    chain: Chain, name: str, tmp_path: Path
+) -> None:
+    isolated = tmp_path / "mar"
+    isolated.mkdir()
+    shutil.copy(REPO / "fashion_cnn.py", isolated)
+    shutil.copy(chain.weights(name), isolated)
+    shutil.copy(chain.directory / f"{name}.card.json", isolated)
+    test = load_split("fashion-mnist", "test").subset(DRY_RUN_TEST_IMAGES)
+    torch.save({"images": test.images, "labels": test.labels}, tmp_path / "subset.pt")
+
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", FRESH_PROCESS, str(isolated), str(isolated / f"{name}.pt"),
+         str(isolated / f"{name}.card.json"), str(tmp_path / "subset.pt")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = json.loads(result.stdout)["accuracy"]
+    assert accuracy == pytest.approx(chain.card(name)["test_accuracy"], abs=1.5 / DRY_RUN_TEST_IMAGES)
+
+
+def test_pruned_is_physically_smaller(chain: Chain) -> None:
+    full, pruned = chain.card("full"), chain.card("pruned")
+    assert pruned["parameters"] <= 0.3 * full["parameters"]
+    assert pruned["file_bytes"] <= 0.3 * full["file_bytes"]
+    model = load_model(chain.weights("pruned"), FORMAT_STATE_DICT)
+    assert sum(p.numel() for p in model.parameters()) == pruned["parameters"]
+    assert pruned["model_args"]["conv1"] == 32 and pruned["model_args"]["hidden"] == 500
+
+
+def test_int8_file_holds_int8_weights_for_every_conv_and_linear(chain: Chain) -> None:
+    card = chain.card("int8")
+    layers = packed_layers(torch.jit.load(str(chain.weights("int8"))))
+    assert sorted(kind for kind, _, _ in layers) == ["conv2d", "conv2d", "linear", "linear"]
+    assert all(weight.dtype == torch.qint8 for _, weight, _ in layers)
+    assert card["file_bytes"] <= 0.3 * chain.card("full")["file_bytes"]
+    assert card["parameters"] == chain.card("full")["parameters"]
+    assert "torch.ao.quantization" in card["quantization"]["api"]
+
+
+def test_distilled_student_is_small_and_baseline_shares_its_budget(chain: Chain) -> None:
+    distilled, baseline = chain.card("distilled"), chain.card("student_baseline")
+    assert distilled["parameters"] <= 0.05 * chain.card("full")["parameters"]
+    assert distilled["model_args"] == baseline["model_args"]
+    assert baseline["variant"] == "student-baseline" and baseline["parent"] is None
+    assert distilled["recipe"]["temperature"] > 0 and 0 <= distilled["recipe"]["alpha"] <= 1
+
+
+def test_same_seed_gives_the_same_weights(chain: Chain, tmp_path: Path) -> None:
+    again = tmp_path / "full.pt"
+    run_module("training.train", "--dry-run", "--output", str(again))
+    first = torch.load(chain.weights("full"), weights_only=True)["state_dict"]
+    second = torch.load(again, weights_only=True)["state_dict"]
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_report_builds_table_and_plot_from_the_cards(chain: Chain, tmp_path: Path) -> None:
+    run_module("training.report", "--checkpoints", str(chain.directory), "--output-dir", str(tmp_path))
+    table = (tmp_path / "variants.md").read_text()
+    for variant in ["full", "pruned", "int8", "distilled", "student-baseline"]:
+        assert f"| {variant} |" in table
+    assert (tmp_path / "variants.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_without_cards_says_what_to_run(tmp_path: Path) -> None:
+    result = run_module("training.report", "--checkpoints", str(tmp_path), "--output-dir", str(tmp_path),
+                        check=False)
+    assert result.returncode == 1 and "make train" in result.stderr

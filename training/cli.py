@@ -1,0 +1,77 @@
+"""Arguments and set-up that every training script shares."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from fashion_cnn import ARCHITECTURES, DATASETS, FashionCNN
+from training.data import DatasetNotFoundError, Split, load_split
+from training.engine import set_seed
+
+DRY_RUN_TRAIN_IMAGES = 512
+DRY_RUN_TEST_IMAGES = 500
+
+
+def add_common_args(parser: argparse.ArgumentParser, output: str) -> None:
+    parser.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
+    parser.add_argument("--data-dir", default=None, help="directory with the IDX files (default: the system's)")
+    parser.add_argument("--output", type=Path, default=Path(output), help="checkpoint path (card written beside)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="train under bfloat16 autocast (weights stay fp32)")
+    parser.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
+    parser.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
+    parser.add_argument("--latency-repeats", type=int, default=50)
+    parser.add_argument("--dry-run", action="store_true",
+                        help=f"one quick pass on {DRY_RUN_TRAIN_IMAGES} training / {DRY_RUN_TEST_IMAGES} test images")
+
+
+def add_model_args(parser: argparse.ArgumentParser, arch: str) -> None:
+    parser.add_argument("--arch", default=arch, choices=sorted(ARCHITECTURES))
+    parser.add_argument("--dropout", type=float, default=None,
+                        help="dropout before each fc layer (default: the architecture's)")
+
+
+def model_from_args(args: argparse.Namespace) -> FashionCNN:
+    config = ARCHITECTURES[args.arch]
+    return FashionCNN.from_config(config if args.dropout is None else replace(config, dropout=args.dropout))
+
+
+@dataclass(frozen=True)
+class Run:
+    train: Split
+    test: Split
+    generator: torch.Generator
+
+
+def prepare_run(args: argparse.Namespace) -> Run:
+    """Logging, seeds, dry-run shrinking and the data, in one place."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.dry_run:
+        args.train_subset = min(args.train_subset or DRY_RUN_TRAIN_IMAGES, DRY_RUN_TRAIN_IMAGES)
+        args.test_subset = min(args.test_subset or DRY_RUN_TEST_IMAGES, DRY_RUN_TEST_IMAGES)
+        args.latency_repeats = min(args.latency_repeats, 3)
+        for name in ("epochs", "finetune_epochs"):
+            if getattr(args, name, 0):
+                setattr(args, name, 1)
+    generator = set_seed(args.seed)
+    train = load_split(args.dataset, "train", args.data_dir).subset(args.train_subset)
+    test = load_split(args.dataset, "test", args.data_dir).subset(args.test_subset)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    return Run(train, test, generator)
+
+
+def run_script(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser) -> int:
+    """Entry point of every training script: a missing data set is one clear line, not a traceback."""
+    try:
+        return main(parser.parse_args())
+    except DatasetNotFoundError as error:
+        logging.getLogger("training").error("%s", error)
+        return 2

@@ -1,0 +1,120 @@
+"""Compare the variants from their model cards: a Markdown table and an accuracy-vs-latency plot.
+
+Usage:
+    python -m training.report                                   # checkpoints/*.card.json -> reports/
+    python -m training.report --checkpoints DIR --output-dir DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from training.cards import CARD_SUFFIX
+
+log = logging.getLogger(__name__)
+
+# Served variants first, in the order of the chain; any other card (the no-KD baseline) after them.
+VARIANT_ORDER = ("full", "pruned", "int8", "distilled", "student-baseline")
+
+
+def load_cards(directory: Path) -> list[dict[str, Any]]:
+    cards = [json.loads(path.read_text()) for path in sorted(directory.glob(f"*{CARD_SUFFIX}"))]
+
+    def rank(card: dict[str, Any]) -> tuple[int, str]:
+        name = card["variant"]
+        return (VARIANT_ORDER.index(name) if name in VARIANT_ORDER else len(VARIANT_ORDER), name)
+
+    return sorted(cards, key=rank)
+
+
+def _reference(cards: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((card for card in cards if card["variant"] == "full"), None)
+
+
+def markdown_table(cards: list[dict[str, Any]]) -> str:
+    full = _reference(cards)
+    header = (
+        "| variant | test acc. | Δ vs full (pts) | params | params vs full | file | file vs full "
+        "| ms b1 / b64, 1 thread | ms b1 / b64, 2 threads | b64 speed-up vs full, 1 thread |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for card in cards:
+        lat1, lat2 = card["latency_ms"]["threads_1"], card["latency_ms"]["threads_2"]
+        if full is not None:
+            delta = f"{(card['test_accuracy'] - full['test_accuracy']) * 100:+.2f}"
+            params_ratio = f"{card['parameters'] / full['parameters']:.1%}"
+            file_ratio = f"{card['file_bytes'] / full['file_bytes']:.1%}"
+            speedup = f"{full['latency_ms']['threads_1']['batch_64'] / lat1['batch_64']:.2f}×"
+        else:
+            delta = params_ratio = file_ratio = speedup = "n/a"
+        rows.append(
+            f"| {card['variant']} | {card['test_accuracy']:.2%} | {delta} | {card['parameters']:,} "
+            f"| {params_ratio} | {card['file_bytes'] / 1e6:.2f} MB | {file_ratio} "
+            f"| {lat1['batch_1']:.2f} / {lat1['batch_64']:.1f} | {lat2['batch_1']:.2f} / {lat2['batch_64']:.1f} "
+            f"| {speedup} |"
+        )
+    return header + "\n".join(rows) + "\n"
+
+
+def plot(cards: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    largest = max(card["file_bytes"] for card in cards)
+    for card in cards:
+        latency = card["latency_ms"]["threads_1"]["batch_64"]
+        size = 60 + 1400 * card["file_bytes"] / largest
+        axis.scatter(latency, card["test_accuracy"] * 100, s=size, alpha=0.6)
+        axis.annotate(
+            f"{card['variant']}\n{card['file_bytes'] / 1e6:.2f} MB",
+            (latency, card["test_accuracy"] * 100),
+            textcoords="offset points", xytext=(8, 6), fontsize=8,
+        )
+    axis.set_xscale("log")
+    axis.set_xlabel("latency, batch 64, 1 thread (ms, log scale)")
+    axis.set_ylabel(f"test accuracy on {cards[0]['dataset']} (%)")
+    axis.set_title("Variants: accuracy against latency (marker area ∝ file size)")
+    axis.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Report on the variants' model cards", add_help=add_help)
+    parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
+    parser.add_argument("--output-dir", type=Path, default=Path("reports"))
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cards = load_cards(args.checkpoints)
+    if not cards:
+        log.error("no model cards (*%s) in %s; run `make train` first", CARD_SUFFIX, args.checkpoints)
+        return 1
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(cards)
+    markdown = args.output_dir / "variants.md"
+    image = args.output_dir / "variants.png"
+    markdown.write_text(
+        f"# Variants ({cards[0]['dataset']}, {cards[0]['test_images']} test images)\n\n{table}\n"
+        f"Latency: {cards[0]['latency_method']}.\n\n![accuracy against latency]({image.name})\n"
+    )
+    plot(cards, image)
+    log.info("%s", table)
+    log.info("wrote %s and %s", markdown, image)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
