@@ -22,7 +22,12 @@ DISTILL_FLAGS ?= --temperature 4 --alpha 0.9
 CORE := fashion_cnn.py training/engine.py training/data.py training/cards.py training/cli.py
 VARIANTS := $(CKPT)/full.pt $(CKPT)/pruned.pt $(CKPT)/int8.pt $(CKPT)/distilled.pt $(CKPT)/student_baseline.pt
 
-.PHONY: help install data train report test lint clean distclean
+VERSION       ?= 1.0
+RUN_DIR       ?= runs/torchserve
+MARS := $(foreach v,full pruned int8 distilled,model_store/fashion-$(v)-v$(VERSION).mar)
+SERVING := handlers/fashion_handler.py fashion_cnn.py serving/archive.py
+
+.PHONY: help install data train report archive serve stop status test lint clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -34,6 +39,7 @@ $(STAMP): pyproject.toml scripts/check_system.sh
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m serving.protos
 	touch $@
 
 data: $(STAMP)  ## check the data set is readable (DATASET=mnist downloads MNIST into data/)
@@ -65,6 +71,22 @@ report: $(REPORTS)/variants.md  ## Markdown table + PNG plot of the variants, fr
 $(REPORTS)/variants.md: training/report.py $(wildcard $(CKPT)/*.card.json) | $(STAMP)
 	$(PY) -m training.report --checkpoints $(CKPT) --output-dir $(REPORTS)
 
+archive: $(MARS)  ## pack each variant into model_store/fashion-<variant>-v$(VERSION).mar
+
+model_store/fashion-%-v$(VERSION).mar: $(CKPT)/%.pt handlers/model_configs/%.yaml $(SERVING)
+	$(PY) -m serving.archive --version $(VERSION) --variants $* --checkpoints $(CKPT)
+
+serve: $(STAMP) | $(VARIANTS)  ## install, data, train if missing, archive, start TorchServe, wait until ready
+	$(MAKE) --no-print-directory archive
+	$(PY) -m serving.examples
+	$(PY) -m serving --run-dir $(RUN_DIR) start
+
+stop:  ## stop the TorchServe that `make serve` started
+	@if [ -x $(PY) ]; then $(PY) -m serving --run-dir $(RUN_DIR) stop; fi
+
+status: $(STAMP)  ## models, versions, ready workers
+	$(PY) -m serving --run-dir $(RUN_DIR) status
+
 test: $(STAMP)  ## the whole suite (trains only on small subsets)
 	$(PY) -m pytest
 
@@ -72,8 +94,8 @@ lint: $(STAMP)  ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-clean:  ## remove built artifacts (checkpoints, reports, archives, run directories)
-	rm -rf $(CKPT) $(REPORTS) runs model_store/*.mar .pytest_cache
+clean: stop  ## stop TorchServe, remove built artifacts (checkpoints, reports, archives, run directories)
+	rm -rf $(CKPT) $(REPORTS) runs model_store/*.mar .pytest_cache serving/_grpc
 
 distclean: clean  ## also the venv
 	rm -rf $(VENV) *.egg-info

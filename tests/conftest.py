@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Handler modules are imported by their bare names, as TorchServe imports them from an unpacked .mar.
+sys.path.insert(0, str(REPO / "handlers"))
 
 
 def run_module(module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -34,6 +34,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="random ±2 px shifts and horizontal flips")
+    parser.add_argument("--random-erasing", type=float, default=0.0,
+                        help="probability of blanking a random rectangle of each training image")
     return parser
 
 
@@ -53,6 +55,7 @@ def main(args: argparse.Namespace) -> int:
         generator=run.generator,
         augmented=args.augment,
         bf16=args.bf16,
+        erase_probability=args.random_erasing,
     )
     save_state_dict_checkpoint(model, args.output, args.dataset)
     write_card(

@@ -1,0 +1,114 @@
+"""Pack each variant into a versioned `.mar` for TorchServe with torch-model-archiver.
+
+Naming scheme: one TorchServe model per variant (`fashion-full`, `fashion-pruned`, `fashion-int8`,
+`fashion-distilled`), versions per release (`--version 1.0`, `2.0`, ...). The file is
+`model_store/<model>-v<version>.mar`, so several versions of one model sit side by side; TorchServe reads
+name and version from the archive's manifest, not from the file name.
+
+Each archive holds: the handler and its `request_decoding.py`, `fashion_cnn.py` (the shared definitions),
+the weights, the model card as `card.json` (the handler checks the weights' sha256 against it),
+`index_to_name.json`, and `model-config.yaml` (workers, batch size, max batch delay, response timeout,
+threads per worker).
+
+Usage:
+    python -m serving.archive --version 1.0                    # every variant in checkpoints/
+    python -m serving.archive --version 2.0 --variants full int8 --checkpoints DIR --model-store DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from fashion_cnn import DATASETS
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+HANDLER = REPO / "handlers" / "fashion_handler.py"
+HANDLER_MODULES = [REPO / "handlers" / "request_decoding.py"]
+SHARED_MODULE = REPO / "fashion_cnn.py"
+MODEL_CONFIGS = REPO / "handlers" / "model_configs"
+VARIANTS = ("full", "pruned", "int8", "distilled")
+MODEL_PREFIX = "fashion-"
+
+
+def model_name(variant: str) -> str:
+    return MODEL_PREFIX + variant
+
+
+def mar_file_name(model: str, version: str) -> str:
+    return f"{model}-v{version}.mar"
+
+
+def build_archive(
+    variant: str,
+    version: str,
+    checkpoints: Path,
+    model_store: Path,
+    model_config: Path | None = None,
+) -> Path:
+    """Build one .mar and return its path; replaces an existing archive of the same model and version."""
+    weights = checkpoints / f"{variant}.pt"
+    card = checkpoints / f"{variant}.card.json"
+    for needed in (weights, card):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed} is missing; run `make train` first")
+    model_config = model_config or MODEL_CONFIGS / f"{variant}.yaml"
+    dataset = json.loads(card.read_text())["dataset"]
+    model_store.mkdir(parents=True, exist_ok=True)
+    name = model_name(variant)
+    with tempfile.TemporaryDirectory() as staging_dir:
+        staging = Path(staging_dir)
+        shutil.copy(card, staging / "card.json")
+        (staging / "index_to_name.json").write_text(json.dumps(dict(enumerate(DATASETS[dataset].classes))))
+        extra_files = [staging / "card.json", staging / "index_to_name.json", SHARED_MODULE, *HANDLER_MODULES]
+        command = [
+            sys.executable, "-m", "model_archiver.model_packaging",
+            "--model-name", name,
+            "--version", version,
+            "--serialized-file", str(weights),
+            "--handler", str(HANDLER),
+            "--extra-files", ",".join(str(path) for path in extra_files),
+            "--config-file", str(model_config),
+            "--export-path", str(staging),
+            "--force",
+        ]
+        subprocess.run(command, check=True, capture_output=True, text=True)
+        target = model_store / mar_file_name(name, version)
+        shutil.move(staging / f"{name}.mar", target)
+    log.info("archived %s version %s -> %s", name, version, target)
+    return target
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Build versioned .mar archives", add_help=add_help)
+    parser.add_argument("--version", required=True, help="release version of the archives, e.g. 1.0")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--checkpoints", type=Path, default=REPO / "checkpoints")
+    parser.add_argument("--model-store", type=Path, default=REPO / "model_store")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        for variant in args.variants:
+            build_archive(variant, args.version, args.checkpoints, args.model_store)
+    except FileNotFoundError as error:
+        log.error("%s", error)
+        return 1
+    except subprocess.CalledProcessError as error:
+        log.error("torch-model-archiver failed:\n%s", error.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,356 @@
+"""Start, wait for, describe and stop one TorchServe instance that lives in its own run directory.
+
+Everything TorchServe writes at run time goes under the run directory (default `runs/torchserve/`): the
+rendered config.properties, `key_file.json` (TorchServe writes it into its working directory), logs, the pid
+file and worker sockets (via TEMP, which TorchServe uses for both), so a test instance and `make serve` never
+clash, and `stop` stops only the instance this run directory started.
+
+Which models and versions load, and which version of each is the default, is declared in a models file
+(default `serving/models.yaml`) and rendered into TorchServe's `model_snapshot`: the default is chosen
+declaratively, not by load order, and holds across restarts. The batch/worker settings come from each
+variant's `handlers/model_configs/<variant>.yaml` (TorchServe lets a snapshot override the archive's
+model-config.yaml, so the snapshot carries the same values).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+from serving.archive import MODEL_CONFIGS, REPO, mar_file_name
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUN_DIR = REPO / "runs" / "torchserve"
+DEFAULT_MODELS_FILE = REPO / "serving" / "models.yaml"
+BASE_CONFIG = REPO / "config.properties"
+STATE_FILE = "serve.json"
+SNAPSHOT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
+
+
+class ServeError(RuntimeError):
+    """TorchServe could not be started, reached or stopped; the message says why and where to look."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    inference: int = 8080
+    management: int = 8081
+    metrics: int = 8082
+    grpc_inference: int = 7070
+    grpc_management: int = 7071
+    initial_worker: int = 9000
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    variant: str
+    versions: tuple[str, ...]
+    default: str
+
+
+@dataclass(frozen=True)
+class Instance:
+    """What a running (or last started) TorchServe of one run directory is: saved as serve.json."""
+
+    run_dir: Path
+    model_store: Path
+    models_file: Path
+    ports: Ports = field(default_factory=Ports)
+    model_configs: Path = MODEL_CONFIGS  # <variant>.yaml: workers and batching per variant
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.inference}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.management}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.metrics}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc_inference}"
+
+    @property
+    def key_file(self) -> Path:
+        return self.run_dir / "key_file.json"
+
+    @property
+    def temp_dir(self) -> Path:
+        return self.run_dir / "tmp"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.temp_dir / ".model_server.pid"
+
+    def save(self) -> None:
+        state = {"run_dir": str(self.run_dir), "model_store": str(self.model_store),
+                 "models_file": str(self.models_file), "ports": asdict(self.ports),
+                 "model_configs": str(self.model_configs)}
+        (self.run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Instance:
+        path = run_dir / STATE_FILE
+        if not path.is_file():
+            raise ServeError(f"no TorchServe was started from {run_dir} (no {STATE_FILE}); run `make serve`")
+        state = json.loads(path.read_text())
+        return cls(Path(state["run_dir"]), Path(state["model_store"]), Path(state["models_file"]),
+                   Ports(**state["ports"]), Path(state["model_configs"]))
+
+    def token(self, kind: str = "inference") -> str:
+        """The current key of `kind` ("inference", "management" or "API") from TorchServe's key file."""
+        try:
+            keys = json.loads(self.key_file.read_text())
+        except FileNotFoundError as error:
+            raise ServeError(f"{self.key_file} not found: is TorchServe running? (`make serve`)") from error
+        return str(keys[kind]["key"])
+
+    def headers(self, kind: str = "inference") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(kind)}"}
+
+
+def read_models(models_file: Path) -> list[ModelEntry]:
+    document = yaml.safe_load(models_file.read_text()) or {}
+    entries = []
+    for name, spec in (document.get("models") or {}).items():
+        versions = tuple(str(version) for version in spec.get("versions", []))
+        default = str(spec.get("default", versions[-1] if versions else ""))
+        if not versions or default not in versions:
+            raise ServeError(f"{models_file}: model {name!r} needs 'versions' and a 'default' among them")
+        entries.append(ModelEntry(name, str(spec["variant"]), versions, default))
+    if not entries:
+        raise ServeError(f"{models_file} declares no models")
+    return entries
+
+
+def write_default(models_file: Path, model: str, version: str) -> None:
+    document = yaml.safe_load(models_file.read_text())
+    spec = document["models"][model]
+    if version not in [str(v) for v in spec["versions"]]:
+        raise ServeError(f"{model} has no version {version} in {models_file}")
+    spec["default"] = version
+    models_file.write_text(yaml.safe_dump(document, sort_keys=False))
+
+
+def model_snapshot(entries: list[ModelEntry], model_store: Path, model_configs: Path) -> dict[str, Any]:
+    models: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        settings = yaml.safe_load((model_configs / f"{entry.variant}.yaml").read_text())
+        models[entry.name] = {}
+        for version in entry.versions:
+            mar = mar_file_name(entry.name, version)
+            if not (model_store / mar).is_file():
+                raise ServeError(f"{model_store / mar} is missing; run `make archive`")
+            models[entry.name][version] = {
+                "defaultVersion": version == entry.default,
+                "marName": mar,
+                **{key: settings[key] for key in SNAPSHOT_KEYS},
+            }
+    count = sum(len(versions) for versions in models.values())
+    return {"name": "startup.cfg", "modelCount": count, "models": models}
+
+
+def render_config(instance: Instance) -> str:
+    """The base config.properties with this instance's ports, model store and snapshot filled in."""
+    ports = instance.ports
+    overrides = {
+        "inference_address": f"http://127.0.0.1:{ports.inference}",
+        "management_address": f"http://127.0.0.1:{ports.management}",
+        "metrics_address": f"http://127.0.0.1:{ports.metrics}",
+        "grpc_inference_port": str(ports.grpc_inference),
+        "grpc_management_port": str(ports.grpc_management),
+        "initial_worker_port": str(ports.initial_worker),
+        "model_store": str(instance.model_store),
+        # Only archives from our own model store may be loaded (CVE-2023-43654 was an SSRF through URLs).
+        "allowed_urls": f"file://{instance.model_store}/.*",
+        "model_snapshot": json.dumps(
+            model_snapshot(read_models(instance.models_file), instance.model_store, instance.model_configs)
+        ),
+    }
+    lines = []
+    for line in BASE_CONFIG.read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key in overrides and not line.lstrip().startswith("#"):
+            continue
+        lines.append(line)
+    lines.append("# --- rendered by serving.server for this run directory ---")
+    lines += [f"{key}={value}" for key, value in overrides.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _environment(instance: Instance) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "TEMP": str(instance.temp_dir),  # pid file, java.io.tmpdir and worker sockets: this instance's own
+        "LOG_LOCATION": str(instance.run_dir / "logs"),
+        "METRICS_LOCATION": str(instance.run_dir / "logs"),
+        "PYTHONPATH": str(REPO),
+    })
+    return env
+
+
+def running_pid(instance: Instance) -> int | None:
+    """The pid of this run directory's TorchServe if it is alive (and really TorchServe), else None."""
+    try:
+        pid = int(instance.pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    return pid if b"org.pytorch.serve.ModelServer" in cmdline else None
+
+
+def torchserve_binary() -> str:
+    candidate = Path(sys.executable).with_name("torchserve")
+    return str(candidate) if candidate.exists() else "torchserve"
+
+
+def start(instance: Instance, timeout: float = 300.0) -> None:
+    """Start TorchServe for `instance` (unless it already runs) and wait until every version is ready."""
+    instance.run_dir.mkdir(parents=True, exist_ok=True)
+    instance.temp_dir.mkdir(exist_ok=True)
+    if running_pid(instance) is not None:
+        log.info("TorchServe already running from %s (pid %s)", instance.run_dir, running_pid(instance))
+        wait_until_ready(instance, timeout)
+        return
+    config = instance.run_dir / "config.properties"
+    config.write_text(render_config(instance))
+    instance.save()
+    command = [torchserve_binary(), "--start", "--ts-config", str(config), "--model-store",
+               str(instance.model_store), "--ncs"]
+    log.info("starting TorchServe: %s", " ".join(command))
+    # The Java server inherits the launcher's stdout/stderr: a file, never a pipe that nobody would drain.
+    console = instance.run_dir / "logs" / "console.log"
+    console.parent.mkdir(parents=True, exist_ok=True)
+    with open(console, "ab") as output:
+        result = subprocess.run(command, cwd=instance.run_dir, env=_environment(instance), stdout=output,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=120)
+    if result.returncode != 0:
+        raise ServeError(f"torchserve --start failed ({result.returncode}); see {console}:\n{_tail(console)}")
+    try:
+        wait_until_ready(instance, timeout)
+    except ServeError:
+        stop(instance)  # never leave a half-started server behind
+        raise
+
+
+def model_status(instance: Instance) -> dict[tuple[str, str], dict[str, Any]]:
+    """{(model, version): {"ready": n, "min": n, "default": bool}} from the management API."""
+    headers = instance.headers("management")
+    status: dict[tuple[str, str], dict[str, Any]] = {}
+    for entry in read_models(instance.models_file):
+        response = requests.get(f"{instance.management_url}/models/{entry.name}/all", headers=headers, timeout=5)
+        if response.status_code != 200:
+            continue
+        # Describing a model without a version describes its default version.
+        default = requests.get(f"{instance.management_url}/models/{entry.name}", headers=headers, timeout=5)
+        default_version = str(default.json()[0]["modelVersion"]) if default.status_code == 200 else None
+        for description in response.json():
+            workers = description.get("workers", [])
+            status[(entry.name, str(description["modelVersion"]))] = {
+                "ready": sum(1 for worker in workers if worker.get("status") == "READY"),
+                "min": description.get("minWorkers", 1),
+                "default": str(description["modelVersion"]) == default_version,
+            }
+    return status
+
+
+def wait_until_ready(instance: Instance, timeout: float = 300.0) -> None:
+    expected = {(entry.name, version) for entry in read_models(instance.models_file) for version in entry.versions}
+    deadline = time.monotonic() + timeout
+    last_error = "no answer yet"
+    while time.monotonic() < deadline:
+        if running_pid(instance) is None and instance.pid_file.exists() is False:
+            log_tail = _tail(instance.run_dir / "logs" / "ts_log.log")
+            raise ServeError(f"TorchServe exited during start-up; last log lines:\n{log_tail}")
+        try:
+            status = model_status(instance)
+            pending = sorted(key for key in expected if status.get(key, {}).get("ready", 0) < 1
+                             or status[key]["ready"] < status[key]["min"])
+            if not pending:
+                log.info("TorchServe ready: %d model versions with workers", len(expected))
+                return
+            last_error = f"waiting for workers of {pending}"
+        except (requests.RequestException, ServeError, KeyError, ValueError) as error:
+            last_error = str(error)
+        time.sleep(1.0)
+    raise ServeError(f"TorchServe not ready after {timeout:.0f} s ({last_error}); see {instance.run_dir / 'logs'}")
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return f"({path} not written)"
+
+
+def stop(instance: Instance, timeout: float = 60.0) -> bool:
+    """Stop this run directory's TorchServe with its own `torchserve --stop`; True if one was running."""
+    pid = running_pid(instance)
+    if pid is None:
+        log.info("no TorchServe running from %s", instance.run_dir)
+        return False
+    subprocess.run([torchserve_binary(), "--stop"], cwd=instance.run_dir, env=_environment(instance),
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=60)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.2)
+    if Path(f"/proc/{pid}").exists():  # --stop asked politely; this pid is ours (checked above)
+        os.kill(pid, signal.SIGKILL)
+    log.info("stopped TorchServe (pid %d) from %s", pid, instance.run_dir)
+    return True
+
+
+def set_default(instance: Instance, model: str, version: str) -> None:
+    """Switch the default version live (management API) and in the models file, so a restart keeps it."""
+    write_default(instance.models_file, model, version)
+    response = requests.put(f"{instance.management_url}/models/{model}/{version}/set-default",
+                            headers=instance.headers("management"), timeout=10)
+    if response.status_code != 200:
+        raise ServeError(f"set-default {model} {version}: HTTP {response.status_code} {response.text}")
+
+
+def describe(instance: Instance) -> str:
+    entries = read_models(instance.models_file)
+    example = entries[0].name
+    image = REPO / "runs" / "examples" / "sneaker.png"
+    return "\n".join([
+        "TorchServe is up (all listeners on 127.0.0.1):",
+        f"  REST inference   {instance.inference_url}/predictions/<model>[/<version>]",
+        f"  REST management  {instance.management_url}/models",
+        f"  KServe v2        {instance.inference_url}/v2/models/<model>/infer",
+        f"  metrics          {instance.metrics_url}/metrics (Prometheus, no token)",
+        f"  gRPC inference   {instance.grpc_target} (org.pytorch.serve.grpc.inference.InferenceAPIsService)",
+        "  models           " + ", ".join(f"{e.name} (versions {', '.join(e.versions)}; default {e.default})"
+                                         for e in entries),
+        f"  tokens           {instance.key_file} (inference key for 8080/7070, management key for 8081)",
+        "",
+        "Try:",
+        f"  TOKEN=$(python -c \"import json; print(json.load(open('{instance.key_file}'))['inference']['key'])\")",
+        f"  curl -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: image/png' "
+        f"--data-binary @{image} {instance.inference_url}/predictions/{example}",
+        f"  .venv/bin/python -m serving predict {image} --model {example}",
+        f"  .venv/bin/python -m serving predict {image} --model {example} --grpc",
+    ])
+
+
+def clean_run_dir(run_dir: Path) -> None:
+    if run_dir.exists():
+        shutil.rmtree(run_dir)

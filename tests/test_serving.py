@@ -1,0 +1,214 @@
+"""The real TorchServe, started from real .mar files (built from the dry-run checkpoints) on free loopback
+ports in its own run directory, answering real REST and gRPC requests."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import requests
+import torch
+import yaml
+from PIL import Image
+
+from fashion_cnn import load_model, normalize
+from serving import client, protos, server
+from serving.archive import VARIANTS, build_archive, model_name
+from tests.conftest import Chain
+from training.data import load_split
+
+pytestmark = pytest.mark.serving
+
+# One worker per version and a long batch window, so concurrent test requests share a batch.
+TEST_MODEL_CONFIG = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 300,
+                     "responseTimeout": 60, "handler": {"threads": 1}}
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def png(pixels: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy(), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def instance(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[server.Instance]:
+    root = tmp_path_factory.mktemp("serve")
+    configs = root / "model_configs"
+    configs.mkdir()
+    store = root / "model_store"
+    models: dict[str, Any] = {}
+    for variant in VARIANTS:
+        config = configs / f"{variant}.yaml"
+        config.write_text(yaml.safe_dump(TEST_MODEL_CONFIG))
+        versions = ["1.0", "2.0"] if variant == "full" else ["1.0"]
+        for version in versions:
+            build_archive(variant, version, chain.directory, store, model_config=config)
+        models[model_name(variant)] = {"variant": variant, "versions": versions, "default": "1.0"}
+    models_file = root / "models.yaml"
+    models_file.write_text(yaml.safe_dump({"models": models}))
+    ports = server.Ports(*free_ports(5), initial_worker=free_ports(1)[0])
+    running = server.Instance(root / "run", store, models_file, ports, model_configs=configs)
+    server.start(running, timeout=240)
+    try:
+        yield running
+    finally:
+        server.stop(running)
+
+
+@pytest.fixture(scope="module")
+def test_images() -> tuple[torch.Tensor, torch.Tensor]:
+    split = load_split("fashion-mnist", "test").subset(8)
+    return split.images, split.labels
+
+
+def expected_labels(chain: Chain, variant: str, images: torch.Tensor) -> list[int]:
+    model = load_model(chain.weights(variant), chain.card(variant)["format"])
+    with torch.inference_mode():
+        return model(normalize(images)).argmax(1).tolist()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_answers_rest_and_grpc_like_the_in_process_model(
+    instance: server.Instance, chain: Chain, test_images: Any, variant: str
+) -> None:
+    images, _ = test_images
+    expected = expected_labels(chain, variant, images[:4])
+    name = model_name(variant)
+    rest = [client.predict_rest(instance, name, png(images[i]), "image/png") for i in range(4)]
+    assert [status for status, _ in rest] == [200] * 4
+    assert [answer["label"] for _, answer in rest] == expected
+    assert rest[0][1]["model"] == {"name": name, "version": "1.0", "variant": variant}
+    body = json.dumps({"data": images[0].tolist(), "topk": 5}).encode()
+    status, answer = client.predict_rest(instance, name, body, "application/json")
+    assert status == 200 and answer["label"] == expected[0] and len(answer["topk"]) == 5
+    grpc_answers = [client.predict_grpc(instance, name, png(images[i])) for i in range(4)]
+    assert [answer["label"] for answer in grpc_answers] == expected
+
+
+def test_versions_are_pinned_and_the_default_switch_survives_a_restart(instance: server.Instance,
+                                                                      test_images: Any) -> None:
+    images, _ = test_images
+    body = png(images[0])
+    model = model_name("full")
+    for version in ("1.0", "2.0"):
+        status, answer = client.predict_rest(instance, model, body, "image/png", version=version)
+        assert status == 200 and answer["model"]["version"] == version
+        assert client.predict_grpc(instance, model, body, version=version)["model"]["version"] == version
+    assert client.predict_rest(instance, model, body, "image/png")[1]["model"]["version"] == "1.0"
+
+    server.set_default(instance, model, "2.0")
+    assert client.predict_rest(instance, model, body, "image/png")[1]["model"]["version"] == "2.0"
+    server.stop(instance)
+    server.start(instance, timeout=240)
+    assert client.predict_rest(instance, model, body, "image/png")[1]["model"]["version"] == "2.0"
+    assert client.predict_grpc(instance, model, body)["model"]["version"] == "2.0"
+    assert server.model_status(instance)[(model, "2.0")]["default"]
+
+
+def test_requests_without_a_valid_token_are_refused(instance: server.Instance, test_images: Any) -> None:
+    images, _ = test_images
+    url = f"{instance.inference_url}/predictions/{model_name('int8')}"
+    assert requests.post(url, data=png(images[0]), timeout=10).status_code == 400
+    bad = {"Authorization": "Bearer not-the-key"}
+    assert requests.post(url, data=png(images[0]), headers=bad, timeout=10).status_code == 400
+    assert requests.get(f"{instance.management_url}/models", headers=instance.headers(), timeout=10).status_code \
+        == 400  # the inference key does not open the management API
+    stub = protos.load("inference_pb2_grpc").InferenceAPIsServiceStub(grpc.insecure_channel(instance.grpc_target))
+    request = protos.load("inference_pb2").PredictionsRequest(model_name=model_name("int8"),
+                                                              input={"data": png(images[0])})
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Predictions(request, metadata=[("authorization", "Bearer wrong")], timeout=10)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_model_registration_api_is_off(instance: server.Instance) -> None:
+    response = requests.post(f"{instance.management_url}/models?url=fashion-full-v1.0.mar",
+                             headers=instance.headers("management"), timeout=10)
+    assert response.status_code == 405
+
+
+def worker_pids(instance: server.Instance, model: str) -> list[int]:
+    described = requests.get(f"{instance.management_url}/models/{model}", headers=instance.headers("management"),
+                             timeout=10).json()
+    return sorted(worker["pid"] for version in described for worker in version["workers"])
+
+
+def test_a_bad_request_in_a_batch_of_good_ones_fails_alone(instance: server.Instance, test_images: Any) -> None:
+    images, _ = test_images
+    model = model_name("distilled")
+    pids_before = worker_pids(instance, model)
+    bodies = [(png(images[0]), "image/png"), (b"\x89PNG\r\n\x1a\ntruncated", "image/png"),
+              (json.dumps({"data": images[1].tolist()}).encode(), "application/json"),
+              (json.dumps({"data": [float("nan")] * 784}).encode(), "application/json")]
+    with ThreadPoolExecutor(len(bodies)) as pool:  # concurrent, inside one 300 ms batch window
+        results = list(pool.map(lambda item: client.predict_rest(instance, model, *item), bodies))
+    assert [status for status, _ in results] == [200, 400, 200, 400]
+    assert "cannot decode the image" in results[1][1]["error"]["message"]
+    assert "NaN or infinity" in results[3][1]["error"]["message"]
+    grpc_answer = client.predict_grpc(instance, model, b"not an image")
+    assert grpc_answer["error"]["code"] == 400  # gRPC carries the error in the body
+    assert worker_pids(instance, model) == pids_before  # no worker restarted
+
+
+def test_open_inference_protocol_v2(instance: server.Instance, chain: Chain, test_images: Any) -> None:
+    images, _ = test_images
+    headers = instance.headers()
+    assert requests.get(f"{instance.inference_url}/v2/health/ready", headers=headers, timeout=10).status_code == 200
+    body = {"id": "req-1", "inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "UINT8",
+                                       "data": images[2].flatten().tolist()}]}
+    response = requests.post(f"{instance.inference_url}/v2/models/{model_name('pruned')}/infer", json=body,
+                             headers=headers, timeout=10)
+    assert response.status_code == 200, response.text
+    outputs = {output["name"]: output for output in response.json()["outputs"]}
+    assert outputs["label"]["data"] == [expected_labels(chain, "pruned", images[2:3])[0]]
+    assert len(outputs["probabilities"]["data"]) == 10
+    image_body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                              "data": [base64.b64encode(png(images[2])).decode()]}]}
+    response = requests.post(f"{instance.inference_url}/v2/models/{model_name('pruned')}/infer", json=image_body,
+                             headers=headers, timeout=10)
+    assert response.json()["outputs"][0]["data"] == outputs["label"]["data"]
+
+
+def test_cli_predicts_over_rest_and_grpc(instance: server.Instance, test_images: Any, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from serving.__main__ import get_args_parser, main
+
+    images, _ = test_images
+    image = tmp_path / "x.png"
+    image.write_bytes(png(images[3]))
+    answers = []
+    for extra in ([], ["--grpc"]):
+        args = get_args_parser().parse_args(["--run-dir", str(instance.run_dir), "predict", str(image),
+                                             "--model", model_name("int8"), "--topk", "2", *extra])
+        assert main(args) == 0
+        answers.append(json.loads(capsys.readouterr().out))
+    assert answers[0]["label"] == answers[1]["label"] and len(answers[1]["topk"]) == 2
+
+
+def test_runtime_files_stay_in_the_run_directory(instance: server.Instance) -> None:
+    config = (instance.run_dir / "config.properties").read_text()
+    assert "disable_token_authorization=false" in config and "enable_model_api=false" in config
+    assert f"allowed_urls=file://{instance.model_store}/.*" in config
+    assert instance.key_file.is_file() and (instance.run_dir / "logs" / "ts_log.log").is_file()
+    assert instance.pid_file.is_file()
+    metrics = requests.get(f"{instance.metrics_url}/metrics", timeout=10)
+    assert metrics.status_code == 200 and "# TYPE" in metrics.text
