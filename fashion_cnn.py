@@ -80,7 +80,7 @@ class CNNConfig:
 
 # Dropout before each fully connected layer is part of the design: the wide fc layer overfits without it, the
 # small student underfits with it.
-FULL_CONFIG = CNNConfig(dropout=0.4)
+FULL_CONFIG = CNNConfig(dropout=0.3)
 # The distillation student: about 3.5 % of the full model's parameters.
 STUDENT_CONFIG = CNNConfig(conv1=32, conv2=64, hidden=64, dropout=0.0)
 ARCHITECTURES: dict[str, CNNConfig] = {"full": FULL_CONFIG, "student": STUDENT_CONFIG}

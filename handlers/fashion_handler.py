@@ -37,6 +37,8 @@ import fashion_cnn
 log = logging.getLogger(__name__)
 
 CARD_FILE = "card.json"
+# The HTTP reason phrase stays plain ASCII on one line; what is wrong goes in the JSON body.
+BAD_REQUEST = "Bad Request"
 
 
 class FashionHandler(BaseHandler):
@@ -71,11 +73,18 @@ class FashionHandler(BaseHandler):
         answers: list[dict[str, Any] | None] = [None] * len(data)
         good: list[tuple[int, Request]] = []
         for index, row in enumerate(data):
+            # How many requests shared this batch: lets clients and load tests see batching at work (REST).
+            context.set_response_header(index, "X-Batch-Size", str(len(data)))
             try:
                 good.append((index, decode_request(row, len(self.classes))))
             except InvalidInput as error:
                 answers[index] = error_body(str(error), self.model_info)
-                context.set_response_status(400, str(error), index)
+                context.set_response_status(400, BAD_REQUEST, index)
+            except Exception as error:  # an input we failed to foresee must still fail alone, not the batch
+                log.exception("request %d of the batch could not be decoded", index)
+                message = f"cannot process this request: {type(error).__name__}: {str(error)[:200]}"
+                answers[index] = error_body(message, self.model_info)
+                context.set_response_status(400, BAD_REQUEST, index)
         if good:
             batch = torch.stack([request.pixels.to(torch.float32) for _, request in good])
             with torch.inference_mode():

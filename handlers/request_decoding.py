@@ -70,10 +70,15 @@ def image_to_pixels(data: bytes) -> torch.Tensor:
                 f"image of {width}×{height} pixels is too large to decode safely (limit {MAX_IMAGE_PIXELS} pixels)"
             )
         image.load()
+        return _like_training_data(image)
     except InvalidInput:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise InvalidInput(f"cannot decode the image: {error}") from error
+
+
+def _like_training_data(image: Image.Image) -> torch.Tensor:
+    """Grayscale, light garment on black, longer side 28 px, centred: how Fashion-MNIST images look."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
@@ -96,7 +101,10 @@ def image_to_pixels(data: bytes) -> torch.Tensor:
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidInput(f"pixel values must be numbers, found {type(value).__name__} {value!r:.40}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError as error:
+        raise InvalidInput("pixel values must be in [0, 255], got an integer too large for a float") from error
 
 
 def array_to_pixels(values: Any) -> torch.Tensor:
@@ -126,8 +134,8 @@ def array_to_pixels(values: Any) -> torch.Tensor:
 def _decode_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InvalidInput(f"body looks like JSON but does not parse: {error}") from error
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, bad UTF-8, huge integers, deep nesting
+        raise InvalidInput(f"body looks like JSON but does not parse: {str(error)[:200]}") from error
 
 
 def _base64_image(text: str) -> torch.Tensor:
@@ -138,10 +146,14 @@ def _base64_image(text: str) -> torch.Tensor:
     return image_to_pixels(data)
 
 
-def flatten_numbers(values: Any) -> list[Any]:
-    if isinstance(values, list):
-        return [item for value in values for item in flatten_numbers(value)]
-    return [values]
+def flatten_numbers(values: Any, max_depth: int = 4) -> list[Any]:
+    """Flatten nested lists up to `max_depth` levels ([1, 1, 28, 28] is the deepest image shape)."""
+    flat = values if isinstance(values, list) else [values]
+    for _ in range(max_depth):
+        if not any(isinstance(value, list) for value in flat):
+            return flat
+        flat = [item for value in flat for item in (value if isinstance(value, list) else [value])]
+    raise InvalidInput(f"v2 'data' is nested deeper than {max_depth} levels")
 
 
 def decode_v2_request(payload: dict[str, Any]) -> torch.Tensor:

@@ -55,6 +55,9 @@ def main(args: argparse.Namespace) -> int:
             server.start(instance, args.timeout)
             print(server.describe(instance))
             return 0
+        if args.command == "stop" and not (args.run_dir / server.STATE_FILE).is_file():
+            log.info("nothing to stop: no TorchServe was started from %s", args.run_dir)
+            return 0
         instance = server.Instance.load(args.run_dir.resolve())
         if args.command == "stop":
             server.stop(instance)
@@ -72,9 +75,8 @@ def main(args: argparse.Namespace) -> int:
                 answer = client.predict_grpc(instance, args.model, body, args.version, args.topk)
             else:
                 content_type = client.content_type_of(args.input)
-                if args.topk is not None and content_type == "application/json":
-                    body = json.dumps({**json.loads(body), "topk": args.topk}).encode()
-                status_code, answer = client.predict_rest(instance, args.model, body, content_type, args.version)
+                status_code, answer = client.predict_rest(instance, args.model, body, content_type, args.version,
+                                                          topk=args.topk)
                 if status_code != 200:
                     print(json.dumps(answer, indent=2))
                     return 1

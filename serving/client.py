@@ -27,13 +27,18 @@ def prediction_path(model: str, version: str | None) -> str:
 
 
 def predict_rest(instance: Instance, model: str, body: bytes, content_type: str, version: str | None = None,
-                 timeout: float = 30.0) -> tuple[int, Any]:
-    response = requests.post(
-        instance.inference_url + prediction_path(model, version),
-        data=body,
-        headers={**instance.headers(), "Content-Type": content_type},
-        timeout=timeout,
-    )
+                 topk: int | None = None, timeout: float = 30.0) -> tuple[int, Any]:
+    """POST one request; with `topk`, JSON gets a "topk" field and an image goes as a multipart form
+    (fields "data" and "topk"), since TorchServe passes no query parameters to /predictions."""
+    url = instance.inference_url + prediction_path(model, version)
+    if topk is not None and content_type == "application/json":
+        body = json.dumps({**json.loads(body), "topk": topk}).encode()
+    if topk is not None and content_type != "application/json":
+        response = requests.post(url, files={"data": ("image", body, content_type)}, data={"topk": str(topk)},
+                                 headers=instance.headers(), timeout=timeout)
+    else:
+        response = requests.post(url, data=body, headers={**instance.headers(), "Content-Type": content_type},
+                                 timeout=timeout)
     try:
         return response.status_code, response.json()
     except ValueError:

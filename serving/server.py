@@ -14,6 +14,7 @@ model-config.yaml, so the snapshot carries the same values).
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -116,15 +117,36 @@ class Instance:
                    Ports(**state["ports"]), Path(state["model_configs"]))
 
     def token(self, kind: str = "inference") -> str:
-        """The current key of `kind` ("inference", "management" or "API") from TorchServe's key file."""
+        """The current key of `kind` ("inference", "management" or "API") from TorchServe's key file.
+
+        Inference and management keys expire (token_expiration_min) and TorchServe does not renew them by
+        itself: a key about to expire is renewed here with the API key, which rewrites the key file.
+        """
+        keys = self._read_keys()
+        if kind != "API" and _expires_soon(keys[kind].get("expiration time")):
+            response = requests.post(f"{self.management_url}/token", params={"type": kind},
+                                     headers={"Authorization": f"Bearer {keys['API']['key']}"}, timeout=10)
+            if response.status_code != 200:
+                raise ServeError(f"renewing the {kind} key failed: HTTP {response.status_code} {response.text}")
+            keys = self._read_keys()
+        return str(keys[kind]["key"])
+
+    def _read_keys(self) -> dict[str, Any]:
         try:
-            keys = json.loads(self.key_file.read_text())
+            keys: dict[str, Any] = json.loads(self.key_file.read_text())
         except FileNotFoundError as error:
             raise ServeError(f"{self.key_file} not found: is TorchServe running? (`make serve`)") from error
-        return str(keys[kind]["key"])
+        return keys
 
     def headers(self, kind: str = "inference") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(kind)}"}
+
+
+def _expires_soon(expiration: str | None, margin_s: float = 60.0) -> bool:
+    if not expiration:
+        return False
+    expires = datetime.datetime.fromisoformat(expiration.replace("Z", "+00:00"))
+    return expires.timestamp() - time.time() < margin_s
 
 
 def read_models(models_file: Path) -> list[ModelEntry]:
@@ -142,12 +164,23 @@ def read_models(models_file: Path) -> list[ModelEntry]:
 
 
 def write_default(models_file: Path, model: str, version: str) -> None:
-    document = yaml.safe_load(models_file.read_text())
-    spec = document["models"][model]
-    if version not in [str(v) for v in spec["versions"]]:
-        raise ServeError(f"{model} has no version {version} in {models_file}")
-    spec["default"] = version
-    models_file.write_text(yaml.safe_dump(document, sort_keys=False))
+    """Set `default:` of one model in place, keeping the file's comments and layout."""
+    entry = next((e for e in read_models(models_file) if e.name == model), None)
+    if entry is None or version not in entry.versions:
+        raise ServeError(f"{models_file} declares no version {version} of {model}")
+    lines = models_file.read_text().splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.strip() == f"{model}:")
+    block_indent = " " * (len(lines[start]) - len(lines[start].lstrip()) + 1)
+    for index in range(start + 1, len(lines)):
+        if lines[index].strip().startswith("default:"):
+            indent = lines[index][: len(lines[index]) - len(lines[index].lstrip())]
+            lines[index] = f'{indent}default: "{version}"\n'
+            break
+        if lines[index].strip() and not lines[index].startswith(block_indent):  # left the model's block
+            raise ServeError(f"{models_file}: {model} has no 'default:' line to change")
+    models_file.write_text("".join(lines))
+    if next(e for e in read_models(models_file) if e.name == model).default != version:
+        raise ServeError(f"{models_file}: could not set the default of {model}")
 
 
 def model_snapshot(entries: list[ModelEntry], model_store: Path, model_configs: Path) -> dict[str, Any]:
@@ -198,12 +231,13 @@ def render_config(instance: Instance) -> str:
 
 def _environment(instance: Instance) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "TEMP": str(instance.temp_dir),  # pid file, java.io.tmpdir and worker sockets: this instance's own
-        "LOG_LOCATION": str(instance.run_dir / "logs"),
-        "METRICS_LOCATION": str(instance.run_dir / "logs"),
-        "PYTHONPATH": str(REPO),
-    })
+    # The pid file (tempfile.gettempdir(): TMPDIR, then TEMP, then TMP), java.io.tmpdir (TEMP) and the
+    # worker sockets all go to this instance's own folder. No PYTHONPATH: workers must import the modules
+    # packed in their .mar, not whatever the repository holds now.
+    temp = str(instance.temp_dir)
+    env.update({"TMPDIR": temp, "TEMP": temp, "TMP": temp,
+                "LOG_LOCATION": str(instance.run_dir / "logs"), "METRICS_LOCATION": str(instance.run_dir / "logs")})
+    env.pop("PYTHONPATH", None)
     return env
 
 
@@ -226,12 +260,17 @@ def start(instance: Instance, timeout: float = 300.0) -> None:
     """Start TorchServe for `instance` (unless it already runs) and wait until every version is ready."""
     instance.run_dir.mkdir(parents=True, exist_ok=True)
     instance.temp_dir.mkdir(exist_ok=True)
+    config = instance.run_dir / "config.properties"
+    rendered = render_config(instance)
     if running_pid(instance) is not None:
         log.info("TorchServe already running from %s (pid %s)", instance.run_dir, running_pid(instance))
+        if config.is_file() and config.read_text() != rendered:
+            log.warning("models, archives or settings changed since it started: `make stop && make serve` "
+                        "to load them")
+            instance = Instance.load(instance.run_dir)
         wait_until_ready(instance, timeout)
         return
-    config = instance.run_dir / "config.properties"
-    config.write_text(render_config(instance))
+    config.write_text(rendered)
     instance.save()
     command = [torchserve_binary(), "--start", "--ts-config", str(config), "--model-store",
                str(instance.model_store), "--ncs"]
@@ -257,8 +296,10 @@ def model_status(instance: Instance) -> dict[tuple[str, str], dict[str, Any]]:
     status: dict[tuple[str, str], dict[str, Any]] = {}
     for entry in read_models(instance.models_file):
         response = requests.get(f"{instance.management_url}/models/{entry.name}/all", headers=headers, timeout=5)
-        if response.status_code != 200:
+        if response.status_code == 404:  # not registered (yet)
             continue
+        if response.status_code != 200:
+            raise ServeError(f"management API: HTTP {response.status_code} {response.text.strip()}")
         # Describing a model without a version describes its default version.
         default = requests.get(f"{instance.management_url}/models/{entry.name}", headers=headers, timeout=5)
         default_version = str(default.json()[0]["modelVersion"]) if default.status_code == 200 else None
@@ -277,7 +318,7 @@ def wait_until_ready(instance: Instance, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     last_error = "no answer yet"
     while time.monotonic() < deadline:
-        if running_pid(instance) is None and instance.pid_file.exists() is False:
+        if running_pid(instance) is None:
             log_tail = _tail(instance.run_dir / "logs" / "ts_log.log")
             raise ServeError(f"TorchServe exited during start-up; last log lines:\n{log_tail}")
         try:
@@ -320,11 +361,11 @@ def stop(instance: Instance, timeout: float = 60.0) -> bool:
 
 def set_default(instance: Instance, model: str, version: str) -> None:
     """Switch the default version live (management API) and in the models file, so a restart keeps it."""
-    write_default(instance.models_file, model, version)
     response = requests.put(f"{instance.management_url}/models/{model}/{version}/set-default",
                             headers=instance.headers("management"), timeout=10)
     if response.status_code != 200:
         raise ServeError(f"set-default {model} {version}: HTTP {response.status_code} {response.text}")
+    write_default(instance.models_file, model, version)
 
 
 def describe(instance: Instance) -> str:

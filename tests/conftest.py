@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 # Handler modules are imported by their bare names, as TorchServe imports them from an unpacked .mar.
@@ -52,3 +55,31 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
     run_module("training.train", "--dry-run", "--arch", "student", "--variant", "student-baseline",
                "--output", str(directory / "student_baseline.pt"))
     return Chain(directory)
+
+
+def encode_image(image: Image.Image | torch.Tensor, fmt: str = "PNG") -> bytes:
+    """Image (or a 28×28 uint8 tensor) to the bytes of a PNG/JPEG/... file."""
+    if isinstance(image, torch.Tensor):
+        image = Image.fromarray(image.numpy(), mode="L")
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def in_process_labels(chain: Chain, variant: str, images: torch.Tensor) -> list[int]:
+    """What the saved variant answers for uint8 images, in this process: the reference for served answers."""
+    from fashion_cnn import load_model, normalize
+
+    model = load_model(chain.weights(variant), chain.card(variant)["format"])
+    with torch.inference_mode():
+        labels: list[int] = model(normalize(images)).argmax(1).tolist()
+    return labels
+
+
+@pytest.fixture(scope="session")
+def test_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """The first 16 Fashion-MNIST test images and their labels."""
+    from training.data import load_split
+
+    split = load_split("fashion-mnist", "test").subset(16)
+    return split.images, split.labels

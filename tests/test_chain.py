@@ -15,6 +15,7 @@ from fashion_cnn import FORMAT_STATE_DICT, load_model, sha256_file
 from tests.conftest import REPO, Chain, run_module
 from training.cli import DRY_RUN_TEST_IMAGES
 from training.data import load_split
+from training.prune import kept_count
 from training.quantize import packed_layers
 
 VARIANTS = ["full", "pruned", "int8", "distilled", "student_baseline"]
@@ -87,7 +88,10 @@ def test_pruned_is_physically_smaller(chain: Chain) -> None:
     assert pruned["file_bytes"] <= 0.3 * full["file_bytes"]
     model = load_model(chain.weights("pruned"), FORMAT_STATE_DICT)
     assert sum(p.numel() for p in model.parameters()) == pruned["parameters"]
-    assert pruned["model_args"]["conv1"] == 32 and pruned["model_args"]["hidden"] == 500
+    recipe, full_args = pruned["recipe"], full["model_args"]
+    assert pruned["model_args"]["conv1"] == kept_count(full_args["conv1"], recipe["conv_keep"])
+    assert pruned["model_args"]["conv2"] == kept_count(full_args["conv2"], recipe["conv_keep"])
+    assert pruned["model_args"]["hidden"] == kept_count(full_args["hidden"], recipe["fc_keep"])
 
 
 def test_int8_file_holds_int8_weights_for_every_conv_and_linear(chain: Chain) -> None:

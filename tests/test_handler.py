@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import shutil
 from pathlib import Path
@@ -16,15 +15,7 @@ from PIL import Image
 from request_decoding import decode_request
 from ts.context import Context, RequestProcessor
 
-from fashion_cnn import load_model, normalize
-from tests.conftest import Chain
-from training.data import load_split
-
-
-def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
+from tests.conftest import Chain, encode_image, in_process_labels
 
 
 def model_dir_for(chain: Chain, variant: str, directory: Path) -> Path:
@@ -53,12 +44,6 @@ class Worker:
         return answers, [self.context.get_response_status(i)[0] for i in range(len(rows))]
 
 
-@pytest.fixture(scope="module")
-def test_images() -> tuple[torch.Tensor, torch.Tensor]:
-    split = load_split("fashion-mnist", "test").subset(16)
-    return split.images, split.labels
-
-
 @pytest.fixture(scope="module", params=["full", "int8"])
 def worker(request: pytest.FixtureRequest, chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Worker:
     variant = request.param
@@ -69,22 +54,15 @@ def worker(request: pytest.FixtureRequest, chain: Chain, tmp_path_factory: pytes
     return Worker(handler, context)
 
 
-def in_process_labels(chain: Chain, variant: str, images: torch.Tensor) -> list[int]:
-    card = chain.card(variant)
-    model = load_model(chain.weights(variant), card["format"])
-    with torch.inference_mode():
-        return model(normalize(images)).argmax(1).tolist()
-
-
 def test_every_input_form_gives_the_in_process_answer(worker: Worker, chain: Chain, test_images: Any) -> None:
     images, _ = test_images
     expected = in_process_labels(chain, worker.handler.card["variant"], images[:4])
     pil = [Image.fromarray(images[i].numpy(), mode="L") for i in range(4)]
     rows = [
-        {"body": png_bytes(pil[0])},
+        {"body": encode_image(pil[0])},
         {"body": {"data": images[1].tolist()}},  # TorchServe hands JSON bodies over already decoded
         {"data": json.dumps({"data": images[2].flatten().tolist()}).encode()},  # gRPC: JSON as bytes
-        {"body": {"data": base64.b64encode(png_bytes(pil[3])).decode()}},
+        {"body": {"data": base64.b64encode(encode_image(pil[3])).decode()}},
     ]
     answers, statuses = worker(rows)
     assert statuses == [200] * 4
@@ -100,7 +78,7 @@ def test_a_photo_like_image_is_converted_like_the_data_set(worker: Worker, test_
     images, _ = test_images
     original = Image.fromarray(images[0].numpy(), mode="L")
     photo = Image.eval(original, lambda v: 255 - v).resize((280, 280), Image.Resampling.BICUBIC).convert("RGB")
-    answers, statuses = worker([{"body": png_bytes(original)}, {"body": png_bytes(photo, "JPEG")}])
+    answers, statuses = worker([{"body": encode_image(original)}, {"body": encode_image(photo, "JPEG")}])
     assert statuses == [200, 200]
     assert answers[0]["label"] == answers[1]["label"]
 
@@ -108,7 +86,7 @@ def test_a_photo_like_image_is_converted_like_the_data_set(worker: Worker, test_
 def test_topk_is_settable_and_ranked(worker: Worker, test_images: Any) -> None:
     images, _ = test_images
     answers, _ = worker([{"body": {"data": images[0].tolist(), "topk": 5}},
-                         {"body": png_bytes(Image.fromarray(images[0].numpy())), "topk": b"10"},
+                         {"body": encode_image(Image.fromarray(images[0].numpy())), "topk": b"10"},
                          {"body": {"data": images[0].tolist()}}])
     assert [len(answer["topk"]) for answer in answers] == [5, 10, 3]
     probabilities = [entry["probability"] for entry in answers[1]["topk"]]
@@ -117,8 +95,12 @@ def test_topk_is_settable_and_ranked(worker: Worker, test_images: Any) -> None:
     assert {entry["class"] for entry in answers[1]["topk"]} == set(worker.handler.classes)
 
 
+def lab_tiff() -> bytes:
+    return encode_image(Image.new("LAB", (28, 28)), "TIFF")
+
+
 def truncated_png() -> bytes:
-    data = png_bytes(Image.new("L", (28, 28), 128))
+    data = encode_image(Image.new("L", (28, 28), 128))
     return data[: len(data) // 2]
 
 
@@ -140,6 +122,14 @@ BAD_INPUTS: dict[str, tuple[dict[str, Any], str]] = {
     "unknown field": ({"body": {"pixels": [0] * 784}}, "unknown JSON fields"),
     "bad base64": ({"body": {"data": "@@@not base64@@@"}}, "base64"),
     "broken JSON": ({"data": b'{"data": [1, 2'}, "does not parse"),
+    "LAB colour mode": ({"body": lab_tiff()}, "cannot decode"),
+    "integer too large for a float": ({"body": b'{"data": [' + b"1" * 400 + b", " + b"0, " * 782 + b"0]}"},
+                                      "too large"),
+    "JSON nested 100000 deep": ({"body": b"[" * 100000}, "does not parse"),
+    "v2 nested too deep": ({"body": {"inputs": [{"name": "x", "shape": [784], "datatype": "FP32",
+                                                 "data": [[[[[[0]]]]]]}]}}, "nested deeper"),
+    "v2 wrong shape": ({"body": {"inputs": [{"name": "x", "shape": [3, 28, 28], "datatype": "FP32",
+                                             "data": [0] * 2352}]}}, "one 28×28 image"),
     "bad topk": ({"body": {"data": [0] * 784, "topk": 11}}, "topk must be between"),
     "non-integer topk": ({"body": {"data": [0] * 784, "topk": "three"}}, "topk must be an integer"),
 }
@@ -157,7 +147,7 @@ def test_bad_input_gets_400_alone_in_its_batch(worker: Worker, test_images: Any,
 
 
 def test_an_image_too_large_to_decode_safely_is_refused_before_decoding() -> None:
-    huge = png_bytes(Image.new("L", (5000, 5000), 0))
+    huge = encode_image(Image.new("L", (5000, 5000), 0))
     with pytest.raises(ValueError, match="too large to decode safely"):
         decode_request({"body": huge}, 10)
 

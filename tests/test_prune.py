@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fashion_cnn import FashionCNN, count_parameters
-from training.prune import prune_cnn, select_kept
+from training.prune import kept_count, prune_cnn, select_kept
 
 
 def masked_original(model: FashionCNN, conv_keep: float, fc_keep: float) -> FashionCNN:
@@ -37,8 +37,8 @@ def test_pruned_model_computes_what_the_masked_original_computes(conv_keep: floa
 def test_pruning_physically_removes_channels_and_units() -> None:
     model = FashionCNN()
     pruned = prune_cnn(model, conv_keep=0.5, fc_keep=0.5)
-    assert (pruned.config.conv1, pruned.config.conv2, pruned.config.hidden) == (32, 64, 500)
-    assert pruned.classifier[2].weight.shape == (500, 64 * 7 * 7)
+    assert (pruned.config.conv1, pruned.config.conv2, pruned.config.hidden) == (32, 64, 496)  # 500 → multiple of 8
+    assert pruned.classifier[2].weight.shape == (496, 64 * 7 * 7)
     assert count_parameters(pruned) < 0.3 * count_parameters(model)
 
 
@@ -57,6 +57,12 @@ def test_the_strongest_filters_are_kept() -> None:
         model.features[0].weight.copy_(torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 3, 3))
     pruned = prune_cnn(model, conv_keep=0.5, fc_keep=1.0)
     assert pruned.features[0].weight[:, 0, 0, 0].tolist() == [2.0, 3.0]
+
+
+def test_kept_counts_are_multiples_of_eight_where_the_layer_allows() -> None:
+    assert [kept_count(64, 0.75), kept_count(128, 0.6), kept_count(1000, 0.32)] == [48, 80, 320]
+    assert kept_count(4, 0.5) == 2  # too small a layer to round
+    assert kept_count(16, 0.01) == 8
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.5])

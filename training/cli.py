@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from fashion_cnn import ARCHITECTURES, DATASETS, FashionCNN
-from training.data import DatasetNotFoundError, Split, load_split
-from training.engine import set_seed
+from fashion_cnn import (
+    ARCHITECTURES,
+    DATASETS,
+    FORMAT_STATE_DICT,
+    FashionCNN,
+    count_parameters,
+    load_model,
+    save_state_dict_checkpoint,
+)
+from training.cards import write_card
+from training.data import Augmentation, DatasetNotFoundError, Split, load_split
+from training.engine import Criterion, fit, set_seed
 
 DRY_RUN_TRAIN_IMAGES = 512
 DRY_RUN_TEST_IMAGES = 500
@@ -31,6 +41,19 @@ def add_common_args(parser: argparse.ArgumentParser, output: str) -> None:
     parser.add_argument("--latency-repeats", type=int, default=50)
     parser.add_argument("--dry-run", action="store_true",
                         help=f"one quick pass on {DRY_RUN_TRAIN_IMAGES} training / {DRY_RUN_TEST_IMAGES} test images")
+
+
+def add_training_args(parser: argparse.ArgumentParser, epochs: int, lr: float, epochs_flag: str = "--epochs") -> None:
+    parser.add_argument(epochs_flag, dest="epochs", type=int, default=epochs)
+    parser.add_argument("--lr", type=float, default=lr, help="peak learning rate of the one-cycle schedule")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW's decoupled weight decay")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                        help="augment training batches (random shifts, flips and erasing as set below)")
+    parser.add_argument("--max-shift", type=int, default=2, help="largest random translation, in pixels")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False,
+                        help="random horizontal flips (off by default: Fashion-MNIST's shoes all face one way)")
+    parser.add_argument("--random-erasing", type=float, default=0.0,
+                        help="probability of blanking a random rectangle of each training image")
 
 
 def add_model_args(parser: argparse.ArgumentParser, arch: str) -> None:
@@ -58,9 +81,8 @@ def prepare_run(args: argparse.Namespace) -> Run:
         args.train_subset = min(args.train_subset or DRY_RUN_TRAIN_IMAGES, DRY_RUN_TRAIN_IMAGES)
         args.test_subset = min(args.test_subset or DRY_RUN_TEST_IMAGES, DRY_RUN_TEST_IMAGES)
         args.latency_repeats = min(args.latency_repeats, 3)
-        for name in ("epochs", "finetune_epochs"):
-            if getattr(args, name, 0):
-                setattr(args, name, 1)
+        if getattr(args, "epochs", 0):
+            args.epochs = 1
     generator = set_seed(args.seed)
     train = load_split(args.dataset, "train", args.data_dir).subset(args.train_subset)
     test = load_split(args.dataset, "test", args.data_dir).subset(args.test_subset)
@@ -75,3 +97,50 @@ def run_script(main: Callable[[argparse.Namespace], int], parser: argparse.Argum
     except DatasetNotFoundError as error:
         logging.getLogger("training").error("%s", error)
         return 2
+
+
+def load_parent(path: Path) -> FashionCNN:
+    model = load_model(path, FORMAT_STATE_DICT)
+    assert isinstance(model, FashionCNN), f"{path} is not a FashionCNN checkpoint"
+    return model
+
+
+def fit_and_save(
+    model: FashionCNN,
+    criterion: Criterion,
+    run: Run,
+    args: argparse.Namespace,
+    *,
+    variant: str,
+    parent: Path | None,
+    extra: Mapping[str, object] | None = None,
+) -> dict[str, object]:
+    """Train with the script's optimisation arguments, save the checkpoint, write its card."""
+    started = time.perf_counter()
+    history = fit(
+        model,
+        criterion,
+        run.train,
+        run.test,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        generator=run.generator,
+        augmentation=Augmentation(args.max_shift, args.flip, args.random_erasing) if args.augment else None,
+        bf16=args.bf16,
+    )
+    save_state_dict_checkpoint(model, args.output, args.dataset)
+    return write_card(
+        args.output,
+        variant=variant,
+        model_format=FORMAT_STATE_DICT,
+        test_split=run.test,
+        parameters=count_parameters(model),
+        args=args,
+        parent=parent,
+        model_args=model.config.as_dict(),
+        history=history,
+        extra={**(extra or {}), "training_seconds": round(time.perf_counter() - started, 1)},
+        latency_repeats=args.latency_repeats,
+    )

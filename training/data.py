@@ -135,11 +135,25 @@ def load_split(
     return Split(dataset, split, images, labels)
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Random translation by up to `max_shift` pixels (zero fill) and horizontal flip, per image.
+@dataclass(frozen=True)
+class Augmentation:
+    """Per-batch training augmentation: shifts up to `max_shift` px, horizontal flips, random erasing."""
 
-    Both keep a garment a garment of the same class; vertical flips and rotations would not (a flipped
-    Ankle boot is not in the test set).
+    max_shift: int = 2
+    flip: bool = False
+    erase_probability: float = 0.0
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        images = augment(images, generator, self.max_shift, self.flip)
+        if self.erase_probability > 0:
+            images = random_erase(images, generator, self.erase_probability)
+        return images
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2, flip: bool = True) -> torch.Tensor:
+    """Random translation by up to `max_shift` pixels (zero fill) and, optionally, horizontal flip, per image.
+
+    Both keep a garment a garment of the same class; vertical flips and rotations would not.
     """
     batch = images.shape[0]
     padded = torch.nn.functional.pad(images, (max_shift,) * 4)
@@ -147,8 +161,8 @@ def augment(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2
     base = torch.arange(IMAGE_SIZE)
     rows = (base.unsqueeze(0) + shifts[:, :1]).unsqueeze(2)  # B×28×1
     cols = base.unsqueeze(0) + shifts[:, 1:]  # B×28
-    flip = torch.rand(batch, generator=generator) < 0.5
-    cols = torch.where(flip.unsqueeze(1), cols.flip(1), cols).unsqueeze(1)  # B×1×28
+    flipped = (torch.rand(batch, generator=generator) < 0.5) & flip
+    cols = torch.where(flipped.unsqueeze(1), cols.flip(1), cols).unsqueeze(1)  # B×1×28
     return padded[torch.arange(batch).view(-1, 1, 1), rows, cols]
 
 
@@ -180,21 +194,18 @@ def iterate_batches(
     batch_size: int,
     generator: torch.Generator | None = None,
     shuffle: bool = False,
-    augmented: bool = False,
-    erase_probability: float = 0.0,
+    augmentation: Augmentation | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (uint8 images B×28×28, labels) batches; shuffling and augmentation draw from `generator`."""
-    if (shuffle or augmented) and generator is None:
+    if (shuffle or augmentation) and generator is None:
         raise ValueError("shuffling and augmentation need a seeded generator (determinism)")
     order = torch.randperm(len(split), generator=generator) if shuffle else torch.arange(len(split))
     for start in range(0, len(split), batch_size):
         index = order[start : start + batch_size]
         images = split.images[index]
-        if augmented:
+        if augmentation is not None:
             assert generator is not None
-            images = augment(images, generator)
-            if erase_probability > 0:
-                images = random_erase(images, generator, erase_probability)
+            images = augmentation(images, generator)
         yield images, split.labels[index]
 
 

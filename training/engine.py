@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fashion_cnn import DATASETS, normalize
-from training.data import Split, iterate_batches
+from training.data import Augmentation, Split, iterate_batches
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +95,13 @@ def train_one_epoch(
     generator: torch.Generator,
     epoch: int,
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    augmented: bool = True,
+    augmentation: Augmentation | None = None,
     bf16: bool = False,
-    erase_probability: float = 0.0,
 ) -> float:
     """One pass over `split` in shuffled batches; returns the mean training loss."""
     model.train()
     total_loss, seen = 0.0, 0
-    batches = iterate_batches(split, batch_size, generator, shuffle=True, augmented=augmented,
-                              erase_probability=erase_probability)
+    batches = iterate_batches(split, batch_size, generator, shuffle=True, augmentation=augmentation)
     steps = (len(split) + batch_size - 1) // batch_size
     progress = tqdm(batches, total=steps, desc=f"epoch {epoch}", leave=False, unit="batch", mininterval=1.0)
     for raw_images, targets in progress:
@@ -178,9 +176,8 @@ def fit(
     lr: float,
     weight_decay: float,
     generator: torch.Generator,
-    augmented: bool = True,
+    augmentation: Augmentation | None = None,
     bf16: bool = False,
-    erase_probability: float = 0.0,
 ) -> list[dict[str, float]]:
     """Train for `epochs` and return a per-epoch history (loss, test accuracy, seconds)."""
     steps = (len(train_split) + batch_size - 1) // batch_size
@@ -189,8 +186,7 @@ def fit(
     for epoch in tqdm(range(1, epochs + 1), desc="epochs", unit="epoch"):
         started = time.perf_counter()
         loss = train_one_epoch(
-            model, criterion, optimizer, train_split, batch_size, generator, epoch, scheduler, augmented, bf16,
-            erase_probability,
+            model, criterion, optimizer, train_split, batch_size, generator, epoch, scheduler, augmentation, bf16
         )
         seconds = time.perf_counter() - started
         accuracy = evaluate(model, test_split).accuracy

@@ -15,24 +15,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fashion_cnn import (
-    FORMAT_STATE_DICT,
-    IMAGE_SIZE,
-    FashionCNN,
-    count_parameters,
-    load_model,
-    save_state_dict_checkpoint,
-)
-from training.cards import write_card
-from training.cli import add_common_args, prepare_run, run_script
-from training.engine import Criterion, CrossEntropy, DistillationLoss, evaluate, fit
+from fashion_cnn import IMAGE_SIZE, FashionCNN, count_parameters
+from training.cli import add_common_args, add_training_args, fit_and_save, load_parent, prepare_run, run_script
+from training.engine import Criterion, CrossEntropy, DistillationLoss, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +34,19 @@ def _strongest(weight: torch.Tensor, keep: int) -> torch.Tensor:
     return norms.topk(keep).indices.sort().values
 
 
-def _kept(total: int, ratio: float) -> int:
+# oneDNN's convolution kernels are markedly faster for channel counts that are multiples of 8 (measured on this
+# CPU at batch 64: 38/77 channels ran 2.0x faster than the full model, 40/80 ran 2.4x).
+CHANNEL_MULTIPLE = 8
+
+
+def kept_count(total: int, ratio: float, multiple: int = CHANNEL_MULTIPLE) -> int:
+    """How many of `total` filters/units to keep: `ratio` of them, rounded to a multiple of `multiple`."""
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"keep ratio must be in (0, 1], got {ratio}")
-    return max(1, round(total * ratio))
+    count = max(1, round(total * ratio))
+    if total >= 2 * multiple:
+        count = max(multiple, round(count / multiple) * multiple)
+    return min(count, total)
 
 
 @dataclass(frozen=True)
@@ -82,9 +82,9 @@ def select_kept(model: FashionCNN, conv_keep: float, fc_keep: float) -> KeptIndi
     """Rank each layer's filters/units by L1 norm over the inputs that survive the layer before."""
     conv1, conv2, fc1, _ = _layers(model)
     config = model.config
-    keep1 = _strongest(conv1.weight, _kept(config.conv1, conv_keep))
-    keep2 = _strongest(conv2.weight[:, keep1], _kept(config.conv2, conv_keep))
-    units = _strongest(fc1.weight[:, _fc1_columns(keep2)], _kept(config.hidden, fc_keep))
+    keep1 = _strongest(conv1.weight, kept_count(config.conv1, conv_keep))
+    keep2 = _strongest(conv2.weight[:, keep1], kept_count(config.conv2, conv_keep))
+    units = _strongest(fc1.weight[:, _fc1_columns(keep2)], kept_count(config.hidden, fc_keep))
     return KeptIndices(keep1, keep2, units)
 
 
@@ -110,23 +110,19 @@ def prune_cnn(model: FashionCNN, conv_keep: float, fc_keep: float) -> FashionCNN
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Structured pruning + fine-tuning", add_help=add_help)
     add_common_args(parser, output="checkpoints/pruned.pt")
+    add_training_args(parser, epochs=8, lr=2e-3, epochs_flag="--finetune-epochs")
     parser.add_argument("--parent", type=Path, default=Path("checkpoints/full.pt"))
-    parser.add_argument("--conv-keep", type=float, default=0.5, help="fraction of each conv's filters kept")
-    parser.add_argument("--fc-keep", type=float, default=0.5, help="fraction of the hidden fc units kept")
-    parser.add_argument("--finetune-epochs", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--kd-alpha", type=float, default=0.5,
-                        help="weight of distillation from the unpruned parent during fine-tuning (0: plain CE)")
+    parser.add_argument("--conv-keep", type=float, default=0.75, help="fraction of each conv's filters kept")
+    parser.add_argument("--fc-keep", type=float, default=0.32, help="fraction of the hidden fc units kept")
+    parser.add_argument("--kd-alpha", type=float, default=0.8,
+                        help="weight of distillation from the unpruned parent while fine-tuning (0: plain CE)")
     parser.add_argument("--temperature", type=float, default=4.0)
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     run = prepare_run(args)
-    parent = load_model(args.parent, FORMAT_STATE_DICT)
-    assert isinstance(parent, FashionCNN)
-    started = time.perf_counter()
+    parent = load_parent(args.parent)
     pruned = prune_cnn(parent, args.conv_keep, args.fc_keep)
     before_finetune = evaluate(pruned, run.test).accuracy
     log.info("pruned %d -> %d parameters; accuracy before fine-tuning %.4f",
@@ -134,37 +130,12 @@ def main(args: argparse.Namespace) -> int:
     criterion: Criterion = (
         DistillationLoss(parent, args.temperature, args.kd_alpha) if args.kd_alpha > 0 else CrossEntropy()
     )
-    history = fit(
-        pruned,
-        criterion,
-        run.train,
-        run.test,
-        epochs=args.finetune_epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        generator=run.generator,
-        bf16=args.bf16,
-    )
-    save_state_dict_checkpoint(pruned, args.output, args.dataset)
-    write_card(
-        args.output,
-        variant="pruned",
-        model_format=FORMAT_STATE_DICT,
-        test_split=run.test,
-        parameters=count_parameters(pruned),
-        args=args,
-        parent=args.parent,
-        model_args=pruned.config.as_dict(),
-        history=history,
-        extra={
-            "parent_parameters": count_parameters(parent),
-            "accuracy_before_finetune": before_finetune,
-            "training_seconds": round(time.perf_counter() - started, 1),
-            "method": "structured L1-norm filter/unit pruning; kept channels copied into a narrower model",
-        },
-        latency_repeats=args.latency_repeats,
-    )
+    extra = {
+        "parent_parameters": count_parameters(parent),
+        "accuracy_before_finetune": before_finetune,
+        "method": "structured L1-norm filter/unit pruning; kept channels copied into a narrower model",
+    }
+    fit_and_save(pruned, criterion, run, args, variant="pruned", parent=args.parent, extra=extra)
     return 0
 
 

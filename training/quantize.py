@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fashion_cnn import FORMAT_STATE_DICT, FORMAT_TORCHSCRIPT, IMAGE_SIZE, FashionCNN, load_model, normalize
+from fashion_cnn import FORMAT_TORCHSCRIPT, IMAGE_SIZE, load_model, normalize
 from training.cards import write_card
-from training.cli import add_common_args, prepare_run, run_script
+from training.cli import add_common_args, load_parent, prepare_run, run_script
 from training.data import Split, iterate_batches
 from training.engine import evaluate
 
@@ -98,8 +98,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     run = prepare_run(args)
-    parent = load_model(args.parent, FORMAT_STATE_DICT)
-    assert isinstance(parent, FashionCNN)
+    parent = load_parent(args.parent)
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
