@@ -11,6 +11,8 @@ VENV          ?= .venv
 PY            := $(VENV)/bin/python
 STAMP         := $(VENV)/.installed
 DATASET       ?= fashion-mnist
+# Looked in first (IDX files, or torchvision's <Name>/raw/ layout), then the system's copy of the data set.
+DATA_DIR      ?= data
 # Each data set trains into its own folder, so `make train DATASET=mnist` never mistakes Fashion-MNIST files.
 CKPT          ?= checkpoints$(if $(filter-out fashion-mnist,$(DATASET)),/$(DATASET))
 REPORTS       ?= reports
@@ -49,27 +51,27 @@ $(STAMP): pyproject.toml scripts/check_system.sh
 
 data: $(STAMP)  ## check the data set is readable (DATASET=mnist downloads MNIST into data/)
 ifeq ($(DATASET),mnist)
-	$(PY) -m training.data --dataset mnist --data-dir data --download
+	$(PY) -m training.data --dataset mnist --data-dir $(DATA_DIR) --download
 else
-	$(PY) -m training.data --dataset $(DATASET)
+	$(PY) -m training.data --dataset $(DATASET) --data-dir $(DATA_DIR)
 endif
 
 train: $(VARIANTS) $(REPORTS)/variants.md  ## full, pruned, int8, distilled (+ the student baseline) and the report
 
 $(CKPT)/full.pt: training/train.py $(CORE) | $(STAMP)
-	$(PY) -m training.train --dataset $(DATASET) --output $@ $(TRAIN_FLAGS)
+	$(PY) -m training.train --dataset $(DATASET) --data-dir $(DATA_DIR) --output $@ $(TRAIN_FLAGS)
 
 $(CKPT)/pruned.pt: $(CKPT)/full.pt training/prune.py $(CORE)
-	$(PY) -m training.prune --dataset $(DATASET) --parent $< --output $@ $(PRUNE_FLAGS)
+	$(PY) -m training.prune --dataset $(DATASET) --data-dir $(DATA_DIR) --parent $< --output $@ $(PRUNE_FLAGS)
 
 $(CKPT)/int8.pt: $(CKPT)/full.pt training/quantize.py $(CORE)
-	$(PY) -m training.quantize --dataset $(DATASET) --parent $< --output $@ $(QUANT_FLAGS)
+	$(PY) -m training.quantize --dataset $(DATASET) --data-dir $(DATA_DIR) --parent $< --output $@ $(QUANT_FLAGS)
 
 $(CKPT)/distilled.pt: $(CKPT)/full.pt training/distill.py $(CORE)
-	$(PY) -m training.distill --dataset $(DATASET) --teacher $< --output $@ $(STUDENT_FLAGS) $(DISTILL_FLAGS)
+	$(PY) -m training.distill --dataset $(DATASET) --data-dir $(DATA_DIR) --teacher $< --output $@ $(STUDENT_FLAGS) $(DISTILL_FLAGS)
 
 $(CKPT)/student_baseline.pt: training/train.py $(CORE) | $(STAMP)
-	$(PY) -m training.train --dataset $(DATASET) --output $@ --variant student-baseline $(STUDENT_FLAGS)
+	$(PY) -m training.train --dataset $(DATASET) --data-dir $(DATA_DIR) --output $@ --variant student-baseline $(STUDENT_FLAGS)
 
 report: $(REPORTS)/variants.md  ## Markdown table + PNG plot of the variants, from their cards
 
