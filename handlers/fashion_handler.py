@@ -64,7 +64,6 @@ class FashionHandler(BaseHandler):
             "version": str(context.manifest["model"].get("modelVersion", "")),
             "variant": self.card["variant"],
         }
-        self.context = context
         self.initialized = True
         log.info("loaded %s (%s, sha256 verified) with %d torch threads", self.model_info, weights, threads)
 

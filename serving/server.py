@@ -18,7 +18,6 @@ import datetime
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +37,7 @@ DEFAULT_RUN_DIR = REPO / "runs" / "torchserve"
 DEFAULT_MODELS_FILE = REPO / "serving" / "models.yaml"
 BASE_CONFIG = REPO / "config.properties"
 STATE_FILE = "serve.json"
+LOOPBACK = "127.0.0.1"
 SNAPSHOT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
 
 
@@ -63,6 +63,10 @@ class ModelEntry:
     default: str
 
 
+def _loopback_url(port: int) -> str:
+    return f"http://{LOOPBACK}:{port}"
+
+
 @dataclass(frozen=True)
 class Instance:
     """What a running (or last started) TorchServe of one run directory is: saved as serve.json."""
@@ -75,19 +79,19 @@ class Instance:
 
     @property
     def inference_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.inference}"
+        return _loopback_url(self.ports.inference)
 
     @property
     def management_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.management}"
+        return _loopback_url(self.ports.management)
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.metrics}"
+        return _loopback_url(self.ports.metrics)
 
     @property
     def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.ports.grpc_inference}"
+        return f"{LOOPBACK}:{self.ports.grpc_inference}"
 
     @property
     def key_file(self) -> Path:
@@ -205,9 +209,9 @@ def render_config(instance: Instance) -> str:
     """The base config.properties with this instance's ports, model store and snapshot filled in."""
     ports = instance.ports
     overrides = {
-        "inference_address": f"http://127.0.0.1:{ports.inference}",
-        "management_address": f"http://127.0.0.1:{ports.management}",
-        "metrics_address": f"http://127.0.0.1:{ports.metrics}",
+        "inference_address": instance.inference_url,
+        "management_address": instance.management_url,
+        "metrics_address": instance.metrics_url,
         "grpc_inference_port": str(ports.grpc_inference),
         "grpc_management_port": str(ports.grpc_management),
         "initial_worker_port": str(ports.initial_worker),
@@ -391,7 +395,3 @@ def describe(instance: Instance) -> str:
         f"  .venv/bin/python -m serving predict {image} --model {example} --grpc",
     ])
 
-
-def clean_run_dir(run_dir: Path) -> None:
-    if run_dir.exists():
-        shutil.rmtree(run_dir)

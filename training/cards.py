@@ -28,13 +28,6 @@ def card_path(weights_path: str | Path) -> Path:
     return weights_path.with_name(weights_path.stem + CARD_SUFFIX)
 
 
-def read_card(weights_path: str | Path) -> dict[str, Any]:
-    path = card_path(weights_path)
-    with open(path) as handle:
-        card: dict[str, Any] = json.load(handle)
-    return card
-
-
 def parent_reference(parent_path: str | Path | None) -> dict[str, str] | None:
     if parent_path is None:
         return None
