@@ -32,6 +32,7 @@ VARIANTS := $(CKPT)/full.pt $(CKPT)/pruned.pt $(CKPT)/int8.pt $(CKPT)/distilled.
 
 VERSION       ?= 1.0
 RUN_DIR       ?= runs/torchserve
+ROUTER_CONFIG ?= router/experiments.yaml
 MARS := $(foreach v,full pruned int8 distilled,model_store/fashion-$(v)-v$(VERSION).mar)
 
 .PHONY: help install data train report archive serve stop status test lint clean distclean
@@ -85,16 +86,18 @@ archive: $(MARS)  ## pack each variant into model_store/fashion-<variant>-v$(VER
 model_store/fashion-%-v$(VERSION).mar: | $(CKPT)/%.pt
 	$(PY) -m serving.archive --version $(VERSION) --variants $* --checkpoints $(CKPT)
 
-serve: $(STAMP) | $(VARIANTS)  ## install, data, train if missing, archive, start TorchServe, wait until ready
+serve: $(STAMP) | $(VARIANTS)  ## install, data, train if missing, archive, start TorchServe and the A/B router
 	$(MAKE) --no-print-directory archive
 	$(PY) -m serving.examples
 	$(PY) -m serving --run-dir $(RUN_DIR) start
+	$(PY) -m router --config $(ROUTER_CONFIG) start
 
-stop:  ## stop the TorchServe that `make serve` started
-	@if [ -x $(PY) ]; then $(PY) -m serving --run-dir $(RUN_DIR) stop; fi
+stop:  ## stop the router and the TorchServe that `make serve` started
+	@if [ -x $(PY) ]; then $(PY) -m router --config $(ROUTER_CONFIG) stop; $(PY) -m serving --run-dir $(RUN_DIR) stop; fi
 
-status: $(STAMP)  ## models, versions, ready workers
+status: $(STAMP)  ## models, versions, ready workers; the router's experiments
 	$(PY) -m serving --run-dir $(RUN_DIR) status
+	$(PY) -m router --config $(ROUTER_CONFIG) status
 
 test: $(STAMP)  ## the whole suite (trains only on small subsets)
 	$(PY) -m pytest

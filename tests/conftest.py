@@ -5,14 +5,17 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,3 +86,53 @@ def test_images() -> tuple[torch.Tensor, torch.Tensor]:
 
     split = load_split("fashion-mnist", "test").subset(16)
     return split.images, split.labels
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+# One worker per version. The distilled model gets a long batch window, so concurrent test requests share a
+# batch (the bad-request-in-a-batch test); the others a short one, so sequential requests stay fast.
+TEST_MODEL_CONFIG = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 10,
+                     "responseTimeout": 60, "handler": {"threads": 1}}
+SLOW_BATCH_VARIANT = "distilled"
+SLOW_BATCH_DELAY_MS = 300
+
+
+@pytest.fixture(scope="session")
+def torchserve(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real TorchServe from real .mar files of the dry-run checkpoints: every variant at version 1.0, the full
+    model also at 2.0, on free loopback ports in its own run directory."""
+    from serving import server
+    from serving.archive import VARIANTS, build_archive, model_name
+
+    root = tmp_path_factory.mktemp("serve")
+    configs = root / "model_configs"
+    configs.mkdir()
+    store = root / "model_store"
+    models: dict[str, Any] = {}
+    for variant in VARIANTS:
+        config = configs / f"{variant}.yaml"
+        delay = SLOW_BATCH_DELAY_MS if variant == SLOW_BATCH_VARIANT else TEST_MODEL_CONFIG["maxBatchDelay"]
+        config.write_text(yaml.safe_dump({**TEST_MODEL_CONFIG, "maxBatchDelay": delay}))
+        versions = ["1.0", "2.0"] if variant == "full" else ["1.0"]
+        for version in versions:
+            build_archive(variant, version, chain.directory, store, model_config=config)
+        models[model_name(variant)] = {"variant": variant, "versions": versions, "default": "1.0"}
+    models_file = root / "models.yaml"
+    models_file.write_text(yaml.safe_dump({"models": models}))
+    ports = server.Ports(*free_ports(5), initial_worker=free_ports(1)[0])
+    running = server.Instance(root / "run", store, models_file, ports, model_configs=configs)
+    server.start(running, timeout=240)
+    try:
+        yield running
+    finally:
+        server.stop(running)

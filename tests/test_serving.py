@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -14,53 +12,16 @@ from typing import Any
 import grpc
 import pytest
 import requests
-import yaml
 
 from serving import client, protos, server
-from serving.archive import VARIANTS, build_archive, model_name
+from serving.archive import VARIANTS, model_name
 from tests.conftest import Chain, encode_image, in_process_labels
 
 pytestmark = pytest.mark.serving
 
-# One worker per version and a long batch window, so concurrent test requests share a batch.
-TEST_MODEL_CONFIG = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 300,
-                     "responseTimeout": 60, "handler": {"threads": 1}}
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 @pytest.fixture(scope="module")
-def instance(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[server.Instance]:
-    root = tmp_path_factory.mktemp("serve")
-    configs = root / "model_configs"
-    configs.mkdir()
-    store = root / "model_store"
-    models: dict[str, Any] = {}
-    for variant in VARIANTS:
-        config = configs / f"{variant}.yaml"
-        config.write_text(yaml.safe_dump(TEST_MODEL_CONFIG))
-        versions = ["1.0", "2.0"] if variant == "full" else ["1.0"]
-        for version in versions:
-            build_archive(variant, version, chain.directory, store, model_config=config)
-        models[model_name(variant)] = {"variant": variant, "versions": versions, "default": "1.0"}
-    models_file = root / "models.yaml"
-    models_file.write_text(yaml.safe_dump({"models": models}))
-    ports = server.Ports(*free_ports(5), initial_worker=free_ports(1)[0])
-    running = server.Instance(root / "run", store, models_file, ports, model_configs=configs)
-    server.start(running, timeout=240)
-    try:
-        yield running
-    finally:
-        server.stop(running)
+def instance(torchserve: server.Instance) -> server.Instance:
+    return torchserve
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

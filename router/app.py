@@ -1,0 +1,98 @@
+"""Run the router: REST (aiohttp) and gRPC (grpc.aio) in one asyncio loop, with the background tasks that
+follow the experiment file, check the guardrails and renew TorchServe's keys. SIGTERM/SIGINT stop it cleanly:
+in-flight requests finish, queued log rows are committed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+import grpc
+from aiohttp import web
+
+from router import grpc_service
+from router.config import RouterConfig, load_config
+from router.core import Router
+from router.errors import RouterError, UpstreamUnavailable
+from router.rest import RestFrontEnd
+from router.store import Store
+from router.tokens import load_tokens
+from router.upstream import TorchServeClient
+
+log = logging.getLogger(__name__)
+
+
+async def wait_for_targets(router: Router, config: RouterConfig, timeout_s: float) -> None:
+    """Check every arm against TorchServe's model list, waiting up to `timeout_s` for TorchServe to answer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await router.validate_targets(config)
+            return
+        except (UpstreamUnavailable, aiohttp.ClientError, TimeoutError, OSError) as error:
+            if time.monotonic() > deadline:
+                raise UpstreamUnavailable(f"TorchServe's management API at {config.torchserve.management_url} "
+                                          f"did not answer within {timeout_s:g} s: {error}") from error
+            await asyncio.sleep(1.0)
+
+
+async def serve(config_path: Path, wait_s: float = 60.0) -> None:
+    config = load_config(config_path)
+    tokens = load_tokens(config.tokens_file)
+    client = TorchServeClient(config.torchserve, config.timeouts)
+    await client.open()
+    store = Store(config.database)
+    router = Router(config, client, store)
+    runner: web.AppRunner | None = None
+    grpc_server: grpc.aio.Server | None = None
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await wait_for_targets(router, config, wait_s)
+        runner = web.AppRunner(RestFrontEnd(router, tokens).app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, config.listen.host, config.listen.rest_port, backlog=1024).start()
+        grpc_server = grpc.aio.server()
+        grpc_service.add_to_server(grpc_server, router, tokens)
+        if grpc_server.add_insecure_port(f"{config.listen.host}:{config.listen.grpc_port}") == 0:
+            raise OSError(f"cannot listen on {config.listen.host}:{config.listen.grpc_port} (gRPC)")
+        await grpc_server.start()
+        tasks = [asyncio.create_task(coroutine) for coroutine in (
+            router.watch_config(), router.guard_forever(), client.renew_keys_forever())]
+        log.info("router listening on http://%s:%d (REST) and %s:%d (gRPC); experiments: %s; TorchServe %s",
+                 config.listen.host, config.listen.rest_port, config.listen.host, config.listen.grpc_port,
+                 ", ".join(config.experiments), config.torchserve.inference_url)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("stopping: finishing in-flight requests")
+    finally:
+        for task in tasks:
+            task.cancel()
+        if grpc_server is not None:
+            await grpc_server.stop(grace=5)
+        if runner is not None:
+            await runner.cleanup()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(router.drain_shadows(), timeout=config.timeouts.shadow_s)
+        await client.close()
+        store.close()
+        log.info("router stopped")
+
+
+def run(config_path: Path, wait_s: float = 60.0) -> int:
+    try:
+        asyncio.run(serve(config_path, wait_s))
+    except RouterError as error:
+        log.error("%s", error.message)
+        return 1
+    except OSError as error:
+        log.error("cannot start the router: %s", error)
+        return 1
+    return 0

@@ -1,0 +1,70 @@
+"""One exception hierarchy for the router, each class carrying its HTTP status and gRPC code.
+
+The REST and gRPC front ends translate a `RouterError` in exactly one place each (`rest.error_response`,
+`grpc_service.abort_with`), so the same failure reads the same on both protocols.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class RouterError(Exception):
+    http_status = 500
+    grpc_code = grpc.StatusCode.INTERNAL
+    phrase = "Internal Server Error"
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def body(self) -> dict[str, dict[str, object]]:
+        """TorchServe's own error shape ({"code", "type", "message"}), so clients parse one format."""
+        return {"error": {"code": self.http_status, "type": type(self).__name__, "message": self.message}}
+
+
+class ConfigError(RouterError):
+    """The experiment file (or a weight change) is invalid; the message names the offending entry."""
+
+    http_status = 400
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    phrase = "Bad Request"
+
+
+class BadRequest(RouterError):
+    http_status = 400
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    phrase = "Bad Request"
+
+
+class Unauthenticated(RouterError):
+    http_status = 401
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    phrase = "Unauthorized"
+
+
+class Forbidden(RouterError):
+    http_status = 403
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    phrase = "Forbidden"
+
+
+class NotFound(RouterError):
+    http_status = 404
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    phrase = "Not Found"
+
+
+class UpstreamUnavailable(RouterError):
+    """No arm could answer (5xx, connection refused, open circuits); the client may retry after Retry-After."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    phrase = "Service Unavailable"
+
+
+class UpstreamTimeout(RouterError):
+    http_status = 504
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    phrase = "Gateway Timeout"

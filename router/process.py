@@ -1,0 +1,121 @@
+"""Start the router in the background and stop it again, by its own pid file (what `make serve` and
+`make stop` use; tests use it too, so they exercise the same path)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from router.config import RouterConfig, load_config
+
+log = logging.getLogger(__name__)
+
+
+class LaunchError(RuntimeError):
+    """The router did not come up (the message carries the end of its log) or could not be stopped."""
+
+
+def pid_file(config: RouterConfig) -> Path:
+    return config.state_dir / "router.pid"
+
+
+def log_file(config: RouterConfig) -> Path:
+    return config.state_dir / "router.log"
+
+
+def base_url(config: RouterConfig) -> str:
+    return f"http://{config.listen.host}:{config.listen.rest_port}"
+
+
+def running_pid(config: RouterConfig) -> int | None:
+    """The pid in the pid file if that process is alive and is this router, else None."""
+    try:
+        pid = int(pid_file(config).read_text().strip())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if b"router" in command and b"serve" in command else None
+
+
+def start(config_path: Path, timeout_s: float = 90.0) -> int:
+    """Start `python -m router --config <file> serve` unless it already runs; wait until it is ready."""
+    config = load_config(config_path)
+    pid = running_pid(config)
+    if pid is not None:
+        log.info("router already running (pid %d)", pid)
+        return pid
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_file(config), "ab") as output:
+        process = subprocess.Popen([sys.executable, "-m", "router", "--config", str(config_path), "serve"],
+                                   stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    pid_file(config).write_text(f"{process.pid}\n")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LaunchError(f"the router exited with {process.returncode}; end of {log_file(config)}:\n"
+                              f"{_tail(log_file(config))}")
+        try:
+            if requests.get(f"{base_url(config)}/readyz", timeout=2).status_code == 200:
+                log.info("router ready (pid %d) on %s", process.pid, base_url(config))
+                return process.pid
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    stop(config_path)
+    raise LaunchError(f"the router was not ready within {timeout_s:g} s; end of {log_file(config)}:\n"
+                      f"{_tail(log_file(config))}")
+
+
+def stop(config_path: Path, timeout_s: float = 20.0) -> bool:
+    """SIGTERM the router this state directory started (SIGKILL if it hangs); True if one was running."""
+    config = load_config(config_path)
+    pid = running_pid(config)
+    if pid is None:
+        log.info("no router running from %s", config.state_dir)
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and running_pid(config) == pid:
+        time.sleep(0.1)
+    if running_pid(config) == pid:
+        os.kill(pid, signal.SIGKILL)
+    pid_file(config).unlink(missing_ok=True)
+    log.info("stopped the router (pid %d)", pid)
+    return True
+
+
+def describe(config: RouterConfig) -> str:
+    url = base_url(config)
+    name = next(iter(config.experiments))
+    arms = ", ".join(f"{arm.name} ({arm.target}, weight {arm.weight:g})" for arm in config.experiments[name].arms)
+    return "\n".join([
+        f"A/B router is up (listening on {config.listen.host} only):",
+        f"  REST          {url}/predictions/<experiment or model>   (TorchServe's paths)",
+        f"  gRPC          {config.listen.host}:{config.listen.grpc_port} (TorchServe's InferenceAPIsService)",
+        f"  health        {url}/healthz (alive), {url}/readyz and /ping (TorchServe reachable)",
+        f"  metrics       {url}/metrics (Prometheus, no token)",
+        f"  feedback      POST {url}/feedback {{\"request_id\": ..., \"label\": ...}}",
+        f"  admin         {url}/admin/experiments | /admin/report/<experiment> | /admin/reload (admin token)",
+        f"  tokens        {config.tokens_file} (\"client\" for requests and feedback, \"admin\" for /admin)",
+        f"  experiment    {name}: {arms}",
+        "",
+        "Try:",
+        f"  TOKEN=$(python3 -c \"import json; print(json.load(open('{config.tokens_file}'))['client'])\")",
+        f"  curl -i -H \"Authorization: Bearer $TOKEN\" -H '{config.sticky_header}: alice' -H 'Content-Type: image/png' "
+        f"--data-binary @runs/examples/sneaker.png {url}/predictions/{name}",
+    ])
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return f"({path} not written)"

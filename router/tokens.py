@@ -1,0 +1,59 @@
+"""The router's own bearer tokens: one for clients (inference, feedback), one for admins (control endpoints).
+
+They live in `<state_dir>/tokens.json` (mode 0600), created with random values on first start and kept across
+restarts so clients keep working; `ROUTER_CLIENT_TOKEN` / `ROUTER_ADMIN_TOKEN` override them (a Kubernetes
+Secret, say). They are never logged. TorchServe's own keys stay inside the router.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+CLIENT_ENV = "ROUTER_CLIENT_TOKEN"
+ADMIN_ENV = "ROUTER_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True)
+class Tokens:
+    client: str
+    admin: str
+
+    def is_client(self, presented: str | None) -> bool:
+        """Clients may use either token: an admin may also send requests."""
+        return presented is not None and (_same(presented, self.client) or _same(presented, self.admin))
+
+    def is_admin(self, presented: str | None) -> bool:
+        return presented is not None and _same(presented, self.admin)
+
+
+def _same(presented: str, expected: str) -> bool:
+    return hmac.compare_digest(presented.encode(), expected.encode())
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (or gRPC metadata), else None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def load_tokens(path: Path) -> Tokens:
+    stored: dict[str, str] = {}
+    if path.is_file():
+        stored = json.loads(path.read_text())
+    if not stored.get("client") or not stored.get("admin"):
+        stored = {"client": stored.get("client") or secrets.token_urlsafe(32),
+                  "admin": stored.get("admin") or secrets.token_urlsafe(32)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(stored, handle, indent=2)
+    return Tokens(os.environ.get(CLIENT_ENV) or stored["client"], os.environ.get(ADMIN_ENV) or stored["admin"])
