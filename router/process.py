@@ -18,6 +18,11 @@ from router.config import RouterConfig, load_config
 log = logging.getLogger(__name__)
 
 
+# Routers this process started: kept so the Popen objects are not collected while the child runs, and so
+# `stop` can reap them.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
 class LaunchError(RuntimeError):
     """The router did not come up (the message carries the end of its log) or could not be stopped."""
 
@@ -56,10 +61,12 @@ def start(config_path: Path, timeout_s: float = 90.0) -> int:
         process = subprocess.Popen([sys.executable, "-m", "router", "--config", str(config_path), "serve"],
                                    stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
+    _children[process.pid] = process
     pid_file(config).write_text(f"{process.pid}\n")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            _children.pop(process.pid, None)
             raise LaunchError(f"the router exited with {process.returncode}; end of {log_file(config)}:\n"
                               f"{_tail(log_file(config))}")
         try:
@@ -87,6 +94,9 @@ def stop(config_path: Path, timeout_s: float = 20.0) -> bool:
         time.sleep(0.1)
     if running_pid(config) == pid:
         os.kill(pid, signal.SIGKILL)
+    child = _children.pop(pid, None)
+    if child is not None:
+        child.wait(timeout=timeout_s)
     pid_file(config).unlink(missing_ok=True)
     log.info("stopped the router (pid %d)", pid)
     return True
