@@ -11,8 +11,8 @@ import signal
 import time
 from pathlib import Path
 
-import aiohttp
 import grpc
+import uvloop
 from aiohttp import web
 
 from router import grpc_service
@@ -34,7 +34,7 @@ async def wait_for_targets(router: Router, config: RouterConfig, timeout_s: floa
         try:
             await router.validate_targets(config)
             return
-        except (UpstreamUnavailable, aiohttp.ClientError, TimeoutError, OSError) as error:
+        except (UpstreamUnavailable, OSError) as error:
             if time.monotonic() > deadline:
                 raise UpstreamUnavailable(f"TorchServe's management API at {config.torchserve.management_url} "
                                           f"did not answer within {timeout_s:g} s: {error}") from error
@@ -88,7 +88,9 @@ async def serve(config_path: Path, wait_s: float = 60.0) -> None:
 
 def run(config_path: Path, wait_s: float = 60.0) -> int:
     try:
-        asyncio.run(serve(config_path, wait_s))
+        # uvloop's event loop (libuv) spends far less CPU per request than asyncio's: on a machine whose cores
+        # also run TorchServe, the router's CPU is throughput taken from inference.
+        uvloop.run(serve(config_path, wait_s))
     except RouterError as error:
         log.error("%s", error.message)
         return 1

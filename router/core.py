@@ -169,8 +169,8 @@ class Router:
                 await self.reload("file-reload")
             except RouterError as error:
                 log.error("experiment file not applied, keeping the running experiments: %s", error)
-            except OSError as error:
-                log.error("experiment file unreadable, keeping the running experiments: %s", error)
+            except Exception as error:  # the watcher must outlive an unreadable file or an unreachable TorchServe
+                log.error("experiment file not applied, keeping the running experiments: %r", error)
 
     async def set_weights(self, name: str, weights: dict[str, float], reason: str) -> Experiment:
         experiment = self.config.experiments.get(name)
@@ -275,7 +275,7 @@ class Router:
         except AttemptFailed as failure:
             elapsed = time.perf_counter() - started
             self.metrics.upstream_failures.labels(experiment, arm.name, failure.kind).inc()
-            self._window(experiment, arm.name).add(time.monotonic(), elapsed * 1000, False)
+            self._observe(experiment, arm.name, elapsed * 1000, False)
             if breaker.failure(time.monotonic()):
                 self.metrics.circuit_open.labels(experiment, arm.name).set(1)
                 log.warning("circuit open for %s (%s) after %d failures: %s", arm.name, arm.target,
@@ -287,6 +287,12 @@ class Router:
             self.metrics.circuit_open.labels(experiment, arm.name).set(0)
             log.warning("circuit closed for %s (%s)", arm.name, arm.target)
         return reply
+
+    def _observe(self, experiment: str, arm: str, latency_ms: float, ok: bool) -> None:
+        """Feed the guardrail's window; only experiments with a guardrail keep one (it is trimmed there)."""
+        spec = self.config.experiments.get(experiment)
+        if spec is not None and spec.guardrail is not None:
+            self._window(experiment, arm).add(time.monotonic(), latency_ms, ok)
 
     def _window(self, experiment: str, arm: str) -> Window:
         window = self.windows.get((experiment, arm))
@@ -302,7 +308,7 @@ class Router:
         self.metrics.requests.labels(experiment, arm.name, protocol, str(status)).inc()
         self.metrics.duration.labels(experiment, arm.name, protocol).observe(elapsed)
         if ok:
-            self._window(experiment, arm.name).add(time.monotonic(), elapsed * 1000, True)
+            self._observe(experiment, arm.name, elapsed * 1000, True)
         label = label_of(reply.body) if reply is not None and reply.status == 200 else None
         self.store.record(RequestRow(request_id, time.time(), experiment, arm.name, arm.target.model,
                                      arm.target.version, protocol, status, ok, elapsed * 1000, label, retried_from))

@@ -119,8 +119,8 @@ def describe(config: RouterConfig) -> str:
         "",
         "Try:",
         f"  TOKEN=$(python3 -c \"import json; print(json.load(open('{config.tokens_file}'))['client'])\")",
-        f"  curl -i -H \"Authorization: Bearer $TOKEN\" -H '{config.sticky_header}: alice' -H 'Content-Type: image/png' "
-        f"--data-binary @runs/examples/sneaker.png {url}/predictions/{name}",
+        f"  curl -i -H \"Authorization: Bearer $TOKEN\" -H '{config.sticky_header}: alice' "
+        f"-H 'Content-Type: image/png' --data-binary @runs/examples/sneaker.png {url}/predictions/{name}",
     ])
 
 

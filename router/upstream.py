@@ -131,12 +131,13 @@ class TorchServeClient:
         url = f"{self.torchserve.inference_url}/predictions/{target.model}"
         if target.version:
             url += f"/{target.version}"
+        # The session's timeout is the request timeout; only shadow copies need their own.
+        options: dict[str, Any] = {} if timeout_s == self.timeouts.request_s else {
+            "timeout": aiohttp.ClientTimeout(total=timeout_s, connect=self.timeouts.connect_s)}
         for attempt in range(2):
             headers = {"Authorization": self._authorization(), "Content-Type": content_type}
             try:
-                async with self.session.post(url, data=body, headers=headers,
-                                             timeout=aiohttp.ClientTimeout(total=timeout_s,
-                                                                           connect=self.timeouts.connect_s)) as r:
+                async with self.session.post(url, data=body, headers=headers, **options) as r:
                     data = await r.read()
                     status, reply_type = r.status, r.headers.get("Content-Type", "application/json")
                     forwarded = tuple((name, r.headers[name]) for name in FORWARDED_HEADERS if name in r.headers)
@@ -186,6 +187,13 @@ class TorchServeClient:
     # --- management (model list for validation, key renewal) --------------------------------------------------
     async def served_models(self) -> dict[str, set[str]]:
         """{model: {versions}} that TorchServe serves, from its management API."""
+        try:
+            return await self._served_models()
+        except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as error:
+            raise UpstreamUnavailable(f"TorchServe's management API at {self.torchserve.management_url} "
+                                      f"did not list its models: {error!r}", retry_after_s=5) from error
+
+    async def _served_models(self) -> dict[str, set[str]]:
         headers = {"Authorization": self._authorization("management")}
         base = self.torchserve.management_url
         async with self.session.get(f"{base}/models", params={"limit": "1000"}, headers=headers) as response:

@@ -94,7 +94,7 @@ def test_a_failed_arm_is_retried_once_on_another_and_its_circuit_opens(tmp_path:
 
 def test_when_every_arm_fails_the_client_gets_a_503_or_504_never_a_hang(tmp_path: Path) -> None:
     async def test(router: Router) -> None:
-        with pytest.raises(UpstreamUnavailable, match="after 'a' failed too|after 'b' failed too"):
+        with pytest.raises(UpstreamUnavailable, match=r"after '[ab]' failed too"):
             await router.route("exp", None, "k", None, "rest", Upstream({"model-a": fails, "model-b": fails}))
         with pytest.raises(UpstreamTimeout, match="did not answer within 1 s"):
             await asyncio.wait_for(router.route("exp", None, "k", None, "grpc",

@@ -1,0 +1,195 @@
+"""What the A/B router costs: throughput and latency of the same model, direct to TorchServe and through the
+router, REST and gRPC, measured back to back in one run on one machine (the ratio is the claim).
+
+REST load comes from wrk (C, cheap on the CPU it shares with the servers); gRPC load from a grpc.aio
+closed-loop client in this process (there is no ghz in Debian). Each configuration runs `--rounds` times,
+direct and router alternating, so drifts of the machine hit both alike; the table gives the median round.
+Router requests pin the arm that serves the same model (`X-Arm`), so both paths run the same model.
+
+Usage:
+    make serve                                   # TorchServe + router
+    .venv/bin/python -m loadtest.router_overhead [--duration-s 8] [--rounds 3] [--connections 1 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+
+from router.config import load_config
+from router.stats import percentile
+from router.tokens import load_tokens
+from serving import protos, server
+
+log = logging.getLogger("loadtest.router_overhead")
+
+REPO = Path(__file__).resolve().parents[1]
+WRK_SCRIPT = """
+wrk.method = "POST"
+local f = io.open("{body}", "rb")
+wrk.body = f:read("*a")
+f:close()
+{headers}
+"""
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+@dataclass(frozen=True)
+class Result:
+    protocol: str
+    path: str  # "direct" or "router"
+    connections: int
+    round: int
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def wrk(url: str, headers: dict[str, str], body: Path, connections: int, duration_s: float) -> tuple[float, float,
+                                                                                                      float, int]:
+    with tempfile.TemporaryDirectory() as folder:
+        script = Path(folder) / "post.lua"
+        lines = "\n".join(f'wrk.headers["{name}"] = "{value}"' for name, value in headers.items())
+        script.write_text(WRK_SCRIPT.format(body=body, headers=lines))
+        output = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration_s:g}s", "--latency",
+                                 "--timeout", "10s", "-s", str(script), url],
+                                capture_output=True, text=True, check=True).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+
+    def latency(label: str) -> float:
+        value, unit = re.search(rf"\s{label}%\s+([\d.]+)(us|ms|s)", output).groups()  # type: ignore[union-attr]
+        return float(value) * UNITS[unit]
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    count = int(errors.group(1)) if errors else 0
+    count += sum(int(n) for n in socket_errors.groups()) if socket_errors else 0
+    return rate, latency("50"), latency("99"), count
+
+
+async def grpc_load(target: str, model: str, version: str, metadata: tuple[tuple[str, str], ...], body: bytes,
+                    connections: int, duration_s: float) -> tuple[float, float, float, int]:
+    pb2, pb2_grpc = protos.load("inference_pb2"), protos.load("inference_pb2_grpc")
+    latencies: list[float] = []
+    errors = 0
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb2_grpc.InferenceAPIsServiceStub(channel)
+        request = pb2.PredictionsRequest(model_name=model, model_version=version, input={"data": body})
+        await stub.Predictions(request, metadata=metadata, timeout=10)  # connect outside the clock
+        deadline = time.perf_counter() + duration_s
+
+        async def user() -> None:
+            nonlocal errors
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                try:
+                    response = await stub.Predictions(request, metadata=metadata, timeout=10)
+                    if b'"label"' not in response.prediction:
+                        errors += 1
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                latencies.append((time.perf_counter() - started) * 1000)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(user() for _ in range(connections)))
+        elapsed = time.perf_counter() - started
+    return len(latencies) / elapsed, percentile(latencies, 50) or 0.0, percentile(latencies, 99) or 0.0, errors
+
+
+def measure(args: argparse.Namespace) -> list[Result]:
+    instance = server.Instance.load(args.run_dir.resolve())
+    config = load_config(args.router_config)
+    tokens = load_tokens(config.tokens_file)
+    experiment = config.experiments[args.experiment]
+    arm = next(a for a in experiment.arms if a.target.model == args.model)
+    router_url = f"http://{config.listen.host}:{config.listen.rest_port}"
+    router_grpc = f"{config.listen.host}:{config.listen.grpc_port}"
+    body = args.image.read_bytes()
+    results = []
+    for connections in args.connections:
+        for index in range(args.rounds):
+            for path in ("direct", "router"):
+                if path == "direct":
+                    rest_url = f"{instance.inference_url}/predictions/{arm.target.model}/{arm.target.version}"
+                    rest_headers = {"Authorization": f"Bearer {instance.token()}", "Content-Type": "image/png"}
+                    grpc_target, model, version = instance.grpc_target, arm.target.model, arm.target.version or ""
+                    metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {instance.token()}"),)
+                else:
+                    rest_url = f"{router_url}/predictions/{experiment.name}"
+                    rest_headers = {"Authorization": f"Bearer {tokens.client}", "Content-Type": "image/png",
+                                    config.override_header: arm.name}
+                    grpc_target, model, version = router_grpc, experiment.name, ""
+                    metadata = (("authorization", f"Bearer {tokens.client}"),
+                                (config.override_header.lower(), arm.name))
+                rate, p50, p99, errors = wrk(rest_url, rest_headers, args.image, connections, args.duration_s)
+                results.append(Result("rest", path, connections, index, rate, p50, p99, errors))
+                log.info("%s", results[-1])
+                rate, p50, p99, errors = asyncio.run(grpc_load(grpc_target, model, version, metadata, body,
+                                                               connections, args.duration_s))
+                results.append(Result("grpc", path, connections, index, rate, p50, p99, errors))
+                log.info("%s", results[-1])
+    return results
+
+
+def summarize(results: list[Result]) -> str:
+    lines = ["| protocol | connections | direct req/s | router req/s | router ÷ direct | direct p50 ms | "
+             "router p50 ms | added p50 ms | direct p99 ms | router p99 ms | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r.protocol, r.connections) for r in results}, key=lambda k: (k[0] != "rest", k[1]))
+    for protocol, connections in keys:
+        def median(path: str, field: str, protocol: str = protocol, connections: int = connections) -> float:
+            return statistics.median(getattr(r, field) for r in results
+                                     if (r.protocol, r.path, r.connections) == (protocol, path, connections))
+        errors = sum(r.errors for r in results if (r.protocol, r.connections) == (protocol, connections))
+        direct_rate, router_rate = median("direct", "requests_per_s"), median("router", "requests_per_s")
+        lines.append(
+            f"| {protocol} | {connections} | {direct_rate:.0f} | {router_rate:.0f} | {router_rate / direct_rate:.2f} | "
+            f"{median('direct', 'p50_ms'):.2f} | {median('router', 'p50_ms'):.2f} | "
+            f"{median('router', 'p50_ms') - median('direct', 'p50_ms'):+.2f} | {median('direct', 'p99_ms'):.1f} | "
+            f"{median('router', 'p99_ms'):.1f} | {errors} |")
+    return "\n".join(lines) + "\n"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", type=Path, default=server.DEFAULT_RUN_DIR)
+    parser.add_argument("--router-config", type=Path, default=REPO / "router" / "experiments.yaml")
+    parser.add_argument("--experiment", default="fashion")
+    parser.add_argument("--model", default="fashion-full", help="the arm serving this model is pinned")
+    parser.add_argument("--image", type=Path, default=REPO / "runs" / "examples" / "sneaker.png")
+    parser.add_argument("--connections", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--duration-s", type=float, default=8.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=REPO / "reports" / "router_overhead.md")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    results = measure(args)
+    table = summarize(results)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    command = "python -m loadtest.router_overhead " + " ".join(
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in vars(args).items() if k in ("connections", "duration_s", "rounds"))
+    args.output.write_text(f"# Router overhead\n\n`{command}`, median of {args.rounds} alternating rounds.\n\n"
+                           f"{table}")
+    args.output.with_suffix(".json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(get_args_parser().parse_args()))
