@@ -122,7 +122,8 @@ def measure(args: argparse.Namespace) -> list[Result]:
         for index in range(args.rounds):
             for path in ("direct", "router"):
                 if path == "direct":
-                    rest_url = f"{instance.inference_url}/predictions/{arm.target.model}/{arm.target.version}"
+                    rest_url = f"{instance.inference_url}/predictions/{arm.target.model}"
+                    rest_url += f"/{arm.target.version}" if arm.target.version else ""
                     rest_headers = {"Authorization": f"Bearer {instance.token()}", "Content-Type": "image/png"}
                     grpc_target, model, version = instance.grpc_target, arm.target.model, arm.target.version or ""
                     metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {instance.token()}"),)

@@ -31,33 +31,50 @@ log = logging.getLogger(__name__)
 
 DIRECT = "direct"  # the arm name of requests for a plain TorchServe model (no experiment)
 ROLLBACK = "rollback"
+SERVED_REFRESH_S = 5.0
 Call = Callable[[Target, float], Awaitable[Reply]]
 
 
 @dataclass
 class CircuitBreaker:
-    """Closed until `failures` consecutive failures; then open for `reset_s`, after which trial traffic flows
-    again: one success closes it, one failure opens it for another `reset_s`."""
+    """Closed until `failures` consecutive failures; then open for `reset_s`; then half-open: exactly one probe
+    request goes through (another only if that probe has not finished within `reset_s`). The probe's success
+    closes the circuit, its failure opens it for another `reset_s`."""
 
     failures: int
     reset_s: float
     consecutive: int = 0
     opened_at: float | None = None
+    probe_started: float | None = None
 
-    def is_open(self, now: float) -> bool:
-        return self.opened_at is not None and now - self.opened_at < self.reset_s
+    def state(self, now: float) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "open" if now - self.opened_at < self.reset_s else "half-open"
+
+    def available(self, now: float) -> bool:
+        """Whether routing may pick this target now: closed, or half-open with no probe under way."""
+        state = self.state(now)
+        if state == "half-open":
+            return self.probe_started is None or now - self.probe_started >= self.reset_s
+        return state == "closed"
+
+    def attempt(self, now: float) -> None:
+        """A request is being sent: in the half-open state it is the probe."""
+        if self.state(now) == "half-open":
+            self.probe_started = now
 
     def success(self) -> bool:
         """Record a success; True if this closed an open (or half-open) circuit."""
         was_open = self.opened_at is not None
-        self.consecutive, self.opened_at = 0, None
+        self.consecutive, self.opened_at, self.probe_started = 0, None, None
         return was_open
 
     def failure(self, now: float) -> bool:
-        """Record a failure; True if this opened the circuit."""
+        """Record a failure; True if this opened the circuit (again)."""
         self.consecutive += 1
-        if self.consecutive >= self.failures and not self.is_open(now):
-            self.opened_at = now
+        if self.consecutive >= self.failures and self.state(now) != "open":
+            self.opened_at, self.probe_started = now, None
             return True
         return False
 
@@ -68,8 +85,9 @@ class Window:
 
     samples: deque[tuple[float, float, bool]] = field(default_factory=deque)
 
-    def add(self, now: float, latency_ms: float, ok: bool) -> None:
+    def add(self, now: float, latency_ms: float, ok: bool, window_s: float) -> None:
         self.samples.append((now, latency_ms, ok))
+        self.trim(now, window_s)
 
     def trim(self, now: float, window_s: float) -> None:
         while self.samples and self.samples[0][0] < now - window_s:
@@ -113,6 +131,11 @@ class Router:
         # TorchServe's models (checked at start and on reload): plain names pass through only to these, so a
         # client cannot mint metric labels or log rows for models that do not exist.
         self.served: dict[str, set[str]] = {}
+        self._served_at = 0.0
+        self._failed_digest = ""  # an invalid edit is reported once, not every second
+        # Reloads, admin changes and rollbacks each await the store between reading and replacing the state:
+        # one at a time, so none installs an override built for a config another has just replaced.
+        self._changes = asyncio.Lock()
         self._apply(config, store.overrides(config.digest))
 
     # --- configuration -----------------------------------------------------------------------------------------
@@ -149,52 +172,64 @@ class Router:
     async def reload(self, reason: str = "reload") -> bool:
         """Read the experiment file again; True if it changed and was applied. A bad file changes nothing."""
         assert self.config.source is not None
-        config = load_config(self.config.source)
-        if config.digest == self.config.digest:
-            return False
-        await self.validate_targets(config)
-        await self.store.clear_overrides()  # the edited file is the operator's new decision
-        self._apply(config, {})
+        async with self._changes:
+            config = load_config(self.config.source)
+            if config.digest == self.config.digest:
+                return False
+            await self.validate_targets(config)
+            await self.store.clear_overrides()  # the edited file is the operator's new decision
+            self._apply(config, {})
+            self.windows.clear()
         for name, experiment in config.experiments.items():
             weights = ", ".join(f"{arm.name}={arm.weight:g}" for arm in experiment.arms)
             self.store.event(name, reason, f"experiment file applied: {weights}")
-        log.info("%s: applied %s (%s)", reason, config.source, ", ".join(config.experiments))
+        log.warning("%s: applied %s (%s)", reason, config.source, ", ".join(config.experiments))
         return True
 
     async def watch_config(self, period_s: float = 1.0) -> None:
-        """Apply edits of the experiment file without a restart; an invalid edit is logged and ignored."""
+        """Apply edits of the experiment file without a restart; an invalid edit is logged (once) and ignored."""
         while True:
             await asyncio.sleep(period_s)
             try:
                 await self.reload("file-reload")
-            except RouterError as error:
-                log.error("experiment file not applied, keeping the running experiments: %s", error)
-            except Exception as error:  # the watcher must outlive an unreadable file or an unreachable TorchServe
-                log.error("experiment file not applied, keeping the running experiments: %r", error)
+                self._failed_digest = ""
+            except Exception as error:  # the watcher must outlive a bad file or an unreachable TorchServe
+                message = error.message if isinstance(error, RouterError) else repr(error)
+                if message != self._failed_digest:
+                    log.error("experiment file not applied, keeping the running experiments: %s", message)
+                    self._failed_digest = message
 
     async def set_weights(self, name: str, weights: dict[str, float], reason: str) -> Experiment:
-        experiment = self.config.experiments.get(name)
-        if experiment is None:
-            raise NotFound(f"no experiment {name!r} (experiments: {', '.join(self.config.experiments)})")
-        current = self.experiment(name)
-        assert current is not None
-        changed = with_weights(current, weights)  # validates
-        await self.store.set_override(name, changed.weights, reason, self.config.digest)
-        self.overrides[name] = Override(changed.weights, reason, time.time())
-        self._apply(self.config, self.overrides)
+        reason = " ".join(reason.split())  # one line in the log and the report, whatever the client sent
+        async with self._changes:
+            current = self.experiment(name)
+            if current is None:
+                raise NotFound(f"no experiment {name!r} (experiments: {', '.join(self.config.experiments)})")
+            changed = with_weights(current, weights)  # validates
+            await self.store.set_override(name, changed.weights, reason, self.config.digest)
+            self.overrides[name] = Override(changed.weights, reason, time.time())
+            self._apply(self.config, self.overrides)
+            self._clear_windows(name)
         detail = ", ".join(f"{arm}={weight:g}" for arm, weight in changed.weights.items())
         self.store.event(name, reason.split(":", 1)[0], f"{reason}; weights {detail}")
         log.warning("experiment %s: weights %s (%s)", name, detail, reason)
         return changed
 
     async def clear_override(self, name: str) -> None:
-        if name not in self.config.experiments:
-            raise NotFound(f"no experiment {name!r}")
-        await self.store.clear_overrides(name)
-        self.overrides.pop(name, None)
-        self._apply(self.config, self.overrides)
+        async with self._changes:
+            if name not in self.config.experiments:
+                raise NotFound(f"no experiment {name!r}")
+            await self.store.clear_overrides(name)
+            self.overrides.pop(name, None)
+            self._apply(self.config, self.overrides)
+            self._clear_windows(name)
         self.store.event(name, "reset", "weights back to the experiment file")
         log.warning("experiment %s: weights back to the experiment file", name)
+
+    def _clear_windows(self, name: str) -> None:
+        """A new decision about an experiment starts its guardrail's evidence afresh."""
+        for key in [key for key in self.windows if key[0] == name]:
+            del self.windows[key]
 
     def describe(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -206,7 +241,7 @@ class Router:
             described[name] = {
                 "control": experiment.control,
                 "arms": {arm.name: {"model": arm.target.model, "version": arm.target.version, "weight": arm.weight,
-                                    "circuit": "open" if self.breakers[arm.target].is_open(now) else "closed"}
+                                    "circuit": self.breakers[arm.target].state(now)}
                          for arm in experiment.arms},
                 "shadow": None if experiment.shadow is None else {
                     "model": experiment.shadow.target.model, "version": experiment.shadow.target.version,
@@ -223,53 +258,83 @@ class Router:
         request_id = uuid.uuid4().hex
         experiment = self.experiment(name)
         if experiment is None:  # a plain TorchServe model: pass through, still measured and logged
-            if name not in self.served:
-                raise NotFound(f"no experiment or TorchServe model {name!r} (experiments: "
-                               f"{', '.join(self.config.experiments)}; models: {', '.join(sorted(self.served))})")
+            await self._check_served(name, version)
             arm = Arm(DIRECT, Target(name, version), 1.0)
             experiment_name = name
         else:
             if version is not None:
                 raise BadRequest(f"{name!r} is an experiment: it picks the version itself; pin an arm with the "
                                  f"{self.config.override_header} header instead of a version in the path")
-            arm = choose_arm(experiment, experiment.weights, key, override, self._open_arms(experiment), self.rng)
+            try:
+                arm = choose_arm(experiment, experiment.weights, key, override, self._unavailable(experiment),
+                                 self.rng)
+            except UpstreamUnavailable:  # every arm's circuit is open
+                self.metrics.requests.labels(experiment.name, "none", protocol, "503").inc()
+                raise
             experiment_name = experiment.name
         retried_from = None
-        while True:
-            try:
-                reply = await self._attempt(experiment_name, arm, protocol, call)
-                break
-            except AttemptFailed as failure:
-                retry = None
-                if experiment is not None and override is None and retried_from is None:
-                    unavailable = self._open_arms(experiment) | {arm.name}
-                    try:
-                        retry = choose_arm(experiment, experiment.weights, key, None, unavailable, self.rng)
-                    except UpstreamUnavailable:
-                        retry = None
-                if retry is None:
-                    error_type = UpstreamTimeout if failure.kind == "timeout" else UpstreamUnavailable
-                    self._finish(request_id, experiment_name, arm, protocol, started, None, retried_from,
-                                 error_type.http_status)
-                    where = f"arm {arm.name!r} ({arm.target})" if arm.name != DIRECT else str(arm.target)
-                    tried = f" after {retried_from!r} failed too" if retried_from else ""
-                    raise error_type(f"{where} failed{tried}: {failure.detail}",
-                                     retry_after_s=self.config.circuit_breaker.reset_s) from failure
-                self.metrics.retries.labels(experiment_name, arm.name).inc()
-                retried_from, arm = arm.name, retry
+        try:
+            while True:
+                try:
+                    reply = await self._attempt(experiment_name, arm, protocol, call)
+                    break
+                except AttemptFailed as failure:
+                    retry = None
+                    if experiment is not None and override is None and retried_from is None:
+                        try:
+                            retry = choose_arm(experiment, experiment.weights, key, None,
+                                               self._unavailable(experiment) | {arm.name}, self.rng)
+                        except UpstreamUnavailable:
+                            retry = None
+                    if retry is None:
+                        error_type = UpstreamTimeout if failure.kind == "timeout" else UpstreamUnavailable
+                        where = f"arm {arm.name!r} ({arm.target})" if arm.name != DIRECT else str(arm.target)
+                        tried = f" after {retried_from!r} failed too" if retried_from else ""
+                        raise error_type(f"{where} failed{tried}: {failure.detail}",
+                                         retry_after_s=self.config.circuit_breaker.reset_s) from failure
+                    self.metrics.retries.labels(experiment_name, arm.name).inc()
+                    retried_from, arm = arm.name, retry
+        except RouterError as error:  # every outcome is counted and logged, and names where it happened
+            self._finish(request_id, experiment_name, arm, protocol, started, None, retried_from, error.http_status)
+            error.where = (request_id, experiment_name, arm.name, str(arm.target))
+            raise
         self._finish(request_id, experiment_name, arm, protocol, started, reply, retried_from)
         if experiment is not None and experiment.shadow is not None and reply.status == 200:
             self._maybe_shadow(request_id, experiment, reply, call)
         return Routed(reply, request_id, experiment_name, arm.name, arm.target, retried_from)
 
-    def _open_arms(self, experiment: Experiment) -> set[str]:
+    async def _check_served(self, name: str, version: str | None) -> None:
+        """Pass-through goes only to model versions TorchServe serves (re-read at most every few seconds), so a
+        client can neither reach other paths through a crafted version nor mint metric labels and breakers."""
+        if (name not in self.served or (version is not None and version not in self.served[name])) \
+                and time.monotonic() - self._served_at > SERVED_REFRESH_S:
+            self._served_at = time.monotonic()
+            try:
+                self.served = await self.client.served_models()
+            except RouterError as error:
+                log.warning("could not refresh TorchServe's model list: %s", error.message)
+        if name not in self.served:
+            raise NotFound(f"no experiment or TorchServe model {name!r} (experiments: "
+                           f"{', '.join(self.config.experiments)}; models: {', '.join(sorted(self.served))})")
+        if version is not None and version not in self.served[name]:
+            raise NotFound(f"TorchServe serves no version {version!r} of {name!r} "
+                           f"(versions: {', '.join(sorted(self.served[name]))})")
+
+    def _breaker(self, target: Target) -> CircuitBreaker:
+        breaker = self.breakers.get(target)
+        if breaker is None:
+            settings = self.config.circuit_breaker
+            breaker = self.breakers[target] = CircuitBreaker(settings.failures, settings.reset_s)
+        return breaker
+
+    def _unavailable(self, experiment: Experiment) -> set[str]:
         now = time.monotonic()
-        return {arm.name for arm in experiment.arms if self.breakers[arm.target].is_open(now)}
+        return {arm.name for arm in experiment.arms if not self._breaker(arm.target).available(now)}
 
     async def _attempt(self, experiment: str, arm: Arm, protocol: str, call: Call) -> Reply:
         started = time.perf_counter()
-        breaker = self.breakers.setdefault(arm.target, CircuitBreaker(self.config.circuit_breaker.failures,
-                                                                      self.config.circuit_breaker.reset_s))
+        breaker = self._breaker(arm.target)
+        breaker.attempt(time.monotonic())
         try:
             reply = await call(arm.target, self.config.timeouts.request_s)
         except AttemptFailed as failure:
@@ -283,16 +348,18 @@ class Router:
             raise
         elapsed = time.perf_counter() - started
         self.metrics.upstream_duration.labels(experiment, arm.name, protocol).observe(elapsed)
+        # The guardrail judges an arm by its own answers: not by time another arm spent failing first.
+        self._observe(experiment, arm.name, elapsed * 1000, reply.status < 500)
         if breaker.success():
             self.metrics.circuit_open.labels(experiment, arm.name).set(0)
             log.warning("circuit closed for %s (%s)", arm.name, arm.target)
         return reply
 
     def _observe(self, experiment: str, arm: str, latency_ms: float, ok: bool) -> None:
-        """Feed the guardrail's window; only experiments with a guardrail keep one (it is trimmed there)."""
+        """Feed the guardrail's window; only experiments with a guardrail keep one, trimmed as it grows."""
         spec = self.config.experiments.get(experiment)
         if spec is not None and spec.guardrail is not None:
-            self._window(experiment, arm).add(time.monotonic(), latency_ms, ok)
+            self._window(experiment, arm).add(time.monotonic(), latency_ms, ok, spec.guardrail.window_s)
 
     def _window(self, experiment: str, arm: str) -> Window:
         window = self.windows.get((experiment, arm))
@@ -307,8 +374,6 @@ class Router:
         ok = reply is not None and reply.status < 500
         self.metrics.requests.labels(experiment, arm.name, protocol, str(status)).inc()
         self.metrics.duration.labels(experiment, arm.name, protocol).observe(elapsed)
-        if ok:
-            self._observe(experiment, arm.name, elapsed * 1000, True)
         label = label_of(reply.body) if reply is not None and reply.status == 200 else None
         self.store.record(RequestRow(request_id, time.time(), experiment, arm.name, arm.target.model,
                                      arm.target.version, protocol, status, ok, elapsed * 1000, label, retried_from))

@@ -18,6 +18,8 @@ class RouterError(Exception):
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
+        # (request id, experiment, arm, target) once routing got that far: error answers name them too.
+        self.where: tuple[str, str, str, str] | None = None
 
     def body(self) -> dict[str, dict[str, object]]:
         """TorchServe's own error shape ({"code", "type", "message"}), so clients parse one format."""

@@ -22,8 +22,12 @@ inference_pb2_grpc = protos.load("inference_pb2_grpc")
 
 
 async def abort_with(context: grpc.aio.ServicerContext, error: RouterError) -> NoReturn:
-    trailers = () if error.retry_after_s is None else (("retry-after", str(max(1, round(error.retry_after_s)))),)
-    await context.abort(error.grpc_code, error.message, trailing_metadata=trailers)
+    trailers: list[tuple[str, str]] = []
+    if error.retry_after_s is not None:
+        trailers.append(("retry-after", str(max(1, round(error.retry_after_s)))))
+    if error.where is not None:
+        trailers += zip(("x-request-id", "x-experiment", "x-arm", "x-target"), error.where, strict=True)
+    await context.abort(error.grpc_code, error.message, trailing_metadata=tuple(trailers))
     raise AssertionError("unreachable: abort raises")
 
 

@@ -32,7 +32,7 @@ def build_report(database: Path, experiment: Experiment, since: float = 0.0) -> 
         if retried_from:
             arms[retried_from]["requests"] += 1
             arms[retried_from]["errors"] += 1
-        if truth is not None and ok:
+        if truth is not None and predicted is not None:  # only answers that named a class can be right or wrong
             stats["feedback"] += 1
             stats["correct"] += int(predicted == truth)
     names = [arm.name for arm in experiment.arms] + sorted(set(arms) - {arm.name for arm in experiment.arms})

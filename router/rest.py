@@ -25,6 +25,8 @@ def error_response(error: RouterError) -> web.Response:
     headers = {}
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+    if error.where is not None:
+        headers.update(zip(("X-Request-Id", "X-Experiment", "X-Arm", "X-Target"), error.where, strict=True))
     return web.json_response(error.body(), status=error.http_status, headers=headers)
 
 

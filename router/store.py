@@ -12,6 +12,7 @@ writer).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import queue
@@ -99,43 +100,47 @@ class Store:
 
     # --- the writer thread -------------------------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
+        stop = False
+        while not stop:
             try:
                 items = [self._queue.get(timeout=self._flush_s)]
             except queue.Empty:
                 items = []
-            rows = [self._rows.popleft() for _ in range(len(self._rows))]  # deque ends are thread-safe
-            if rows:
-                with self._writer:
-                    self._writer.executemany("INSERT OR REPLACE INTO requests VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                                             rows)
-            if not items:
-                continue
-            while len(items) < self._batch:
+            while items and len(items) < self._batch:
                 try:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            # Rows are drained after the jobs are taken: a job (feedback) queued after its request was answered
+            # always finds that request's row written.
+            rows = [self._rows.popleft() for _ in range(len(self._rows))]  # deque ends are thread-safe
             stop = any(item is _STOP for item in items)
-            results: list[tuple[Any, Any, Any, Exception | None]] = []
-            with self._writer:  # one transaction per batch
-                for item in items:
-                    if item is _STOP:
-                        continue
-                    job, future, loop = item
-                    try:
-                        results.append((future, loop, job(self._writer), None))
-                    except Exception as error:  # reported to the waiting caller, or logged
-                        results.append((future, loop, None, error))
-            for future, loop, result, failure in results:
-                if future is None:
-                    if failure is not None:
-                        log.error("store write failed: %s", failure)
-                    continue
-                loop.call_soon_threadsafe(_settle, future, result, failure)
-            if stop:
-                self._writer.close()
-                return
+            jobs = [item for item in items if item is not _STOP]
+            try:
+                self._write(rows, jobs)
+            except Exception as error:  # a full disk, a locked file: report it, fail the waiters, keep going
+                log.error("router store: writing %d rows and %d jobs failed: %s", len(rows), len(jobs), error)
+                for _, future, loop in jobs:
+                    if future is not None:
+                        loop.call_soon_threadsafe(_settle, future, None, error)
+        self._writer.close()
+
+    def _write(self, rows: list[tuple[Any, ...]], jobs: list[tuple[Job, Any, Any]]) -> None:
+        results: list[tuple[Any, Any, Any, Exception | None]] = []
+        with self._writer:  # one transaction for the batch
+            if rows:
+                self._writer.executemany("INSERT OR REPLACE INTO requests VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            for job, future, loop in jobs:
+                try:
+                    results.append((future, loop, job(self._writer), None))
+                except sqlite3.Error as error:  # this job's own mistake: reported to its caller, or logged
+                    results.append((future, loop, None, error))
+        for future, loop, result, failure in results:
+            if future is None:
+                if failure is not None:
+                    log.error("router store: write failed: %s", failure)
+                continue
+            loop.call_soon_threadsafe(_settle, future, result, failure)
 
     def _submit(self, job: Job) -> None:
         self._queue.put((job, None, None))
@@ -196,7 +201,7 @@ class Store:
     # --- reads -------------------------------------------------------------------------------------------------
     def overrides(self, digest: str) -> dict[str, Override]:
         """Runtime overrides made against the experiment file whose sha256 is `digest` (others are stale)."""
-        with connect(self.path) as db:
+        with contextlib.closing(connect(self.path)) as db:
             rows = db.execute("SELECT experiment, weights, reason, at FROM overrides WHERE config_digest = ?",
                               (digest,)).fetchall()
         return {name: Override(json.loads(weights), reason, at) for name, weights, reason, at in rows}
@@ -204,7 +209,7 @@ class Store:
 
 def read_experiment(path: Path, experiment: str, since: float = 0.0) -> dict[str, Any]:
     """Raw material of a report, read with a connection of its own: per-arm rows, feedback, shadow, events."""
-    with connect(path) as db:
+    with contextlib.closing(connect(path)) as db:
         requests = db.execute(
             "SELECT r.arm, r.ok, r.latency_ms, r.label, r.retried_from, r.model, r.version, f.label "
             "FROM requests r LEFT JOIN feedback f ON f.request_id = r.request_id "

@@ -72,8 +72,18 @@ class KeyFile:
                                       retry_after_s=5) from error
         stamp = (stat.st_mtime_ns, stat.st_size)
         if stamp != self._stamp:
-            self._keys = json.loads(self.path.read_text())
-            self._stamp = stamp
+            try:
+                keys = json.loads(self.path.read_text())
+                missing = [kind for kind in ("inference", "management", "API") if "key" not in keys.get(kind, {})]
+                if missing:
+                    raise KeyError(f"no {missing[0]} key")
+            except (ValueError, KeyError, TypeError, OSError) as error:
+                # TorchServe may be rewriting the file right now: keep the last good keys and read it again later.
+                if not self._keys:
+                    raise UpstreamUnavailable(f"TorchServe's key file {self.path} is unreadable: {error!r}",
+                                              retry_after_s=1) from error
+                return
+            self._keys, self._stamp = keys, stamp
 
     def key(self, kind: str = "inference") -> str:
         self._refresh()

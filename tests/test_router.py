@@ -152,6 +152,8 @@ def test_each_arm_answers_like_its_model_and_names_itself(stack: Stack, chain: C
     assert direct.json()["model"]["variant"] == "distilled"
     unknown = stack.predict("no-such-model", body)
     assert unknown.status_code == 404 and "no experiment or TorchServe model 'no-such-model'" in unknown.text
+    crafted = stack.predict("fashion-full/..%2F..%2Fexplanations%2Ffashion-full", body)  # no path tricks upstream
+    assert crafted.status_code == 404 and "serves no version '../../explanations/fashion-full'" in crafted.text
     bad = stack.predict("fashion", b"not an image", **{"X-Arm": "int8"})  # TorchServe's 400 comes through
     assert bad.status_code == 400 and "cannot decode the image" in bad.json()["error"]["message"]
 
@@ -223,6 +225,7 @@ def test_failover_when_a_target_loses_its_workers_or_a_worker_is_killed(stack: S
         assert trailers["x-arm"] == "int8"
         pinned = stack.predict("failover", body, **{"X-Arm": "pruned"})  # pinned: fails, explicitly
         assert pinned.status_code == 503 and pinned.headers["Retry-After"] == "1"
+        assert pinned.headers["X-Arm"] == "pruned" and pinned.headers["X-Target"] == "fashion-pruned"
         assert "arm 'pruned' (fashion-pruned) failed" in pinned.json()["error"]["message"]
         assert stack.describe()["failover"]["arms"]["pruned"]["circuit"] == "open"
         assert stack.metric("router_upstream_failures_total", experiment="failover", arm="pruned") >= 2

@@ -177,15 +177,20 @@ def test_wilson_interval_and_two_proportion_test_against_known_values() -> None:
     assert strong is not None and strong.significant and strong.difference == pytest.approx(-0.05)
 
 
-def test_circuit_breaker_opens_after_consecutive_failures_and_closes_on_a_trial_success() -> None:
+def test_circuit_breaker_opens_after_consecutive_failures_and_sends_one_probe_when_half_open() -> None:
     breaker = CircuitBreaker(failures=3, reset_s=10)
     assert not breaker.failure(0.0) and not breaker.failure(1.0)
     breaker.success()  # a success resets the count
     assert not breaker.failure(2.0) and not breaker.failure(3.0)
-    assert breaker.failure(4.0) and breaker.is_open(4.0) and breaker.is_open(13.9)
-    assert not breaker.is_open(14.1)  # trial traffic after reset_s
-    assert breaker.failure(14.2) and breaker.is_open(14.2)  # a failed trial opens it again
-    assert breaker.success() and not breaker.is_open(14.3)
+    assert breaker.failure(4.0) and breaker.state(4.0) == "open" and not breaker.available(13.9)
+    assert breaker.state(14.1) == "half-open" and breaker.available(14.1)
+    breaker.attempt(14.1)  # the probe
+    assert not breaker.available(14.2)  # nobody else while the probe is out
+    assert breaker.available(24.2)  # unless the probe never came back
+    assert breaker.failure(14.5) and breaker.state(14.5) == "open"  # a failed probe opens it again
+    assert breaker.state(24.6) == "half-open"
+    breaker.attempt(24.6)
+    assert breaker.success() and breaker.state(24.7) == "closed" and breaker.available(24.7)
 
 
 def test_label_of_reads_only_our_handlers_answers() -> None:
