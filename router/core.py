@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.config import Arm, Experiment, RouterConfig, Target, check_targets, load_config, with_weights
-from router.errors import BadRequest, NotFound, RouterError, UpstreamTimeout, UpstreamUnavailable
+from router.errors import BadRequest, ConfigError, NotFound, RouterError, UpstreamTimeout, UpstreamUnavailable
 from router.metrics import Metrics
 from router.report import build_report
 from router.routing import choose_arm
@@ -132,7 +132,7 @@ class Router:
         # client cannot mint metric labels or log rows for models that do not exist.
         self.served: dict[str, set[str]] = {}
         self._served_at = 0.0
-        self._failed_digest = ""  # an invalid edit is reported once, not every second
+        self._last_reload_error = ""  # an invalid edit is reported once, not every second
         # Reloads, admin changes and rollbacks each await the store between reading and replacing the state:
         # one at a time, so none installs an override built for a config another has just replaced.
         self._changes = asyncio.Lock()
@@ -188,16 +188,24 @@ class Router:
 
     async def watch_config(self, period_s: float = 1.0) -> None:
         """Apply edits of the experiment file without a restart; an invalid edit is logged (once) and ignored."""
+        assert self.config.source is not None
+        seen: tuple[int, int] | None = None
         while True:
             await asyncio.sleep(period_s)
             try:
+                stat = self.config.source.stat()
+                stamp = (stat.st_mtime_ns, stat.st_size)
+                if stamp == seen:  # parse the file only when it changed
+                    continue
                 await self.reload("file-reload")
-                self._failed_digest = ""
+                seen, self._last_reload_error = stamp, ""
             except Exception as error:  # the watcher must outlive a bad file or an unreachable TorchServe
+                if isinstance(error, ConfigError):
+                    seen = stamp  # an invalid file stays invalid until it is edited again; TorchServe may return
                 message = error.message if isinstance(error, RouterError) else repr(error)
-                if message != self._failed_digest:
+                if message != self._last_reload_error:
                     log.error("experiment file not applied, keeping the running experiments: %s", message)
-                    self._failed_digest = message
+                    self._last_reload_error = message
 
     async def set_weights(self, name: str, weights: dict[str, float], reason: str) -> Experiment:
         reason = " ".join(reason.split())  # one line in the log and the report, whatever the client sent

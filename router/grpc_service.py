@@ -72,7 +72,9 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
         client = self.router.client
 
         async def call(target: Any, timeout_s: float) -> Any:
-            return await client.predict_grpc(target, inputs, timeout_s)
+            remaining = context.time_remaining()  # the client's own deadline, if it set one, bounds ours
+            return await client.predict_grpc(target, inputs, timeout_s if remaining is None
+                                             else max(0.001, min(timeout_s, remaining)))
 
         return await self.router.route(
             request.model_name, request.model_version or None,
