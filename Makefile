@@ -35,7 +35,7 @@ RUN_DIR       ?= runs/torchserve
 ROUTER_CONFIG ?= router/experiments.yaml
 MARS := $(foreach v,full pruned int8 distilled,model_store/fashion-$(v)-v$(VERSION).mar)
 
-.PHONY: help install data train report archive serve stop status test lint clean distclean
+.PHONY: help install data train report archive serve stop status loadtest bench test lint clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -98,6 +98,12 @@ stop:  ## stop the router and the TorchServe that `make serve` started
 status: $(STAMP)  ## models, versions, ready workers; the router's experiments
 	$(PY) -m serving --run-dir $(RUN_DIR) status
 	$(PY) -m router --config $(ROUTER_CONFIG) status
+
+loadtest: $(STAMP)  ## Locust runs against the stack `make serve` started: reports/loadtest/ (summary.md, plots)
+	$(PY) -m loadtest.run
+
+bench: $(STAMP)  ## the performance ratios, measured in one run against `make serve`'s stack: reports/bench.md
+	$(PY) -m loadtest.bench
 
 test: $(STAMP)  ## the whole suite (trains only on small subsets)
 	$(PY) -m pytest

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -61,6 +62,18 @@ class ModelEntry:
     variant: str
     versions: tuple[str, ...]
     default: str
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` TCP ports free on loopback right now (for test and benchmark instances beside `make serve`)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((LOOPBACK, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _loopback_url(port: int) -> str:

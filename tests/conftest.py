@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -88,17 +87,6 @@ def test_images() -> tuple[torch.Tensor, torch.Tensor]:
     return split.images, split.labels
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 # One worker per version. The distilled model gets a long batch window, so concurrent test requests share a
 # batch (the bad-request-in-a-batch test); the others a short one, so sequential requests stay fast.
 TEST_MODEL_CONFIG = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 10,
@@ -113,6 +101,7 @@ def torchserve(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     model also at 2.0, on free loopback ports in its own run directory."""
     from serving import server
     from serving.archive import VARIANTS, build_archive, model_name
+    from serving.server import free_ports
 
     root = tmp_path_factory.mktemp("serve")
     configs = root / "model_configs"

@@ -23,7 +23,8 @@ from router import process
 from router.config import load_config
 from router.tokens import load_tokens
 from serving import protos, server
-from tests.conftest import Chain, encode_image, free_ports, in_process_labels
+from serving.server import free_ports
+from tests.conftest import Chain, encode_image, in_process_labels
 
 pytestmark = pytest.mark.router
 

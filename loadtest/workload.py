@@ -1,0 +1,213 @@
+"""What the load tests send and how they judge it, shared by the Locust users, `make loadtest` and `make bench`:
+real Fashion-MNIST test images with their true labels, the endpoints and tokens of a running stack, full-
+resolution latency samples (Locust rounds its own), and the pass/fail gate.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from router.stats import percentile
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = 10
+SAMPLE_FIELDS = ("name", "ok", "at", "service_ms", "latency_ms", "correct")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One test image as the two bodies we send (a PNG file, JSON pixels) and its true label."""
+
+    png: bytes
+    json: bytes
+    label: int
+
+
+def test_items(count: int = 256, data_dir: Path | None = None) -> list[Item]:
+    from training.data import load_split
+
+    split = load_split("fashion-mnist", "test", data_dir).subset(count)
+    items = []
+    for pixels, label in zip(split.images.numpy(), split.labels.tolist(), strict=True):
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
+        items.append(Item(buffer.getvalue(), json.dumps({"data": pixels.tolist()}).encode(), int(label)))
+    return items
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one kind of load goes: TorchServe directly (a model) or the router (an experiment, maybe pinned)."""
+
+    path: str  # "direct" or "router"
+    rest_url: str  # base URL
+    grpc_target: str
+    token: str
+    model: str  # model name (direct) or experiment name (router)
+    version: str | None = None
+    arm: str | None = None  # router only: pin this arm (X-Arm)
+    override_header: str = "X-Arm"
+
+    def rest_path(self) -> str:
+        return f"/predictions/{self.model}" + (f"/{self.version}" if self.version else "")
+
+    def headers(self, content_type: str) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": content_type}
+        if self.arm:
+            headers[self.override_header] = self.arm
+        return headers
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {self.token}"),)
+        if self.arm:
+            metadata += ((self.override_header.lower(), self.arm),)
+        return metadata
+
+
+def endpoint(path: str, variant: str, run_dir: Path | None = None, router_config: Path | None = None,
+             experiment: str = "fashion", pin: bool = True) -> Endpoint:
+    """The endpoint of `variant` in the stack `make serve` started: direct, or through the router's experiment
+    (pinned to the arm serving that variant's model when `pin`, else routed by the experiment's weights)."""
+    from serving import server
+    from serving.archive import model_name
+
+    instance = server.Instance.load((run_dir or server.DEFAULT_RUN_DIR).resolve())
+    model = model_name(variant)
+    if path == "direct":
+        return Endpoint("direct", instance.inference_url, instance.grpc_target, instance.token(), model)
+    from router.config import load_config
+    from router.tokens import load_tokens
+
+    config = load_config(router_config or REPO / "router" / "experiments.yaml")
+    arm = next((a.name for a in config.experiments[experiment].arms if a.target.model == model), None)
+    if pin and arm is None:
+        raise ValueError(f"experiment {experiment!r} has no arm serving {model}")
+    return Endpoint("router", f"http://{config.listen.host}:{config.listen.rest_port}",
+                    f"{config.listen.host}:{config.listen.grpc_port}", load_tokens(config.tokens_file).client,
+                    experiment, arm=arm if pin else None, override_header=config.override_header)
+
+
+def judge(body: bytes, label: int) -> tuple[str | None, bool]:
+    """(what is wrong with an answer, or None; whether it named the true label)."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return "answer is not JSON", False
+    if not isinstance(answer, dict):
+        return "answer is not a JSON object", False
+    if "error" in answer:  # gRPC carries handler errors in the body
+        return f"error in the answer: {answer['error']}", False
+    predicted = answer.get("label")
+    if not isinstance(predicted, int) or not 0 <= predicted < CLASSES:
+        return f"answer has no known class: {str(answer)[:120]}", False
+    return None, predicted == label
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    ok: bool
+    at: float  # completion time (epoch seconds)
+    service_ms: float  # from sending to the answer
+    latency_ms: float  # from the intended send time (fixed-rate mode), else = service_ms
+    correct: bool | None
+
+
+def write_samples(path: Path, samples: Iterable[Sample]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(SAMPLE_FIELDS)
+        for s in samples:
+            writer.writerow((s.name, int(s.ok), f"{s.at:.6f}", f"{s.service_ms:.3f}", f"{s.latency_ms:.3f}",
+                             "" if s.correct is None else int(s.correct)))
+
+
+def read_samples(paths: Iterable[Path]) -> list[Sample]:
+    samples = []
+    for path in paths:
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                correct = None if row["correct"] == "" else row["correct"] == "1"
+                samples.append(Sample(row["name"], row["ok"] == "1", float(row["at"]), float(row["service_ms"]),
+                                      float(row["latency_ms"]), correct))
+    return samples
+
+
+def summarize(samples: list[Sample], start: float | None = None, end: float | None = None) -> dict[str, Any]:
+    """Per request name and in total: count, failures, throughput, latency percentiles from every sample,
+    accuracy of the answers that named a class."""
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        groups[sample.name].append(sample)
+        groups["Aggregated"].append(sample)
+    if not samples:
+        return {}
+    start = min(s.at - s.service_ms / 1000 for s in samples) if start is None else start
+    end = max(s.at for s in samples) if end is None else end
+    duration = max(end - start, 1e-9)
+    summary = {}
+    for name, group in groups.items():
+        latencies = [s.latency_ms for s in group if s.ok]
+        judged = [s.correct for s in group if s.correct is not None]
+        summary[name] = {
+            "requests": len(group),
+            "failures": sum(not s.ok for s in group),
+            "failure_ratio": sum(not s.ok for s in group) / len(group),
+            "throughput": sum(s.ok for s in group) / duration,
+            **{f"p{q}_ms": percentile(latencies, q) for q in (50, 95, 99)},
+            "max_ms": max(latencies) if latencies else None,
+            "accuracy": sum(judged) / len(judged) if judged else None,
+        }
+    return summary
+
+
+@dataclass(frozen=True)
+class Gate:
+    max_failure_ratio: float = 0.0
+    max_p95_ms: float | None = None
+
+    def violations(self, summary: dict[str, Any]) -> list[str]:
+        total = summary.get("Aggregated")
+        if total is None:
+            return ["no requests were made"]
+        problems = []
+        if total["failure_ratio"] > self.max_failure_ratio:
+            problems.append(f"failure ratio {total['failure_ratio']:.2%} > {self.max_failure_ratio:.2%}")
+        if self.max_p95_ms is not None and (total["p95_ms"] is None or total["p95_ms"] > self.max_p95_ms):
+            problems.append(f"p95 {total['p95_ms']} ms > {self.max_p95_ms:g} ms")
+        return problems
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """Direct and indirect children of a process (TorchServe's Python workers under its Java frontend)."""
+    found: list[int] = []
+    direct: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):  # a child belongs to the thread that started it
+        try:
+            direct += [int(p) for p in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    for child in direct:
+        found += [child, *children(child)]
+    return found
