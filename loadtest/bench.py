@@ -5,7 +5,8 @@
     worker with the worker's thread count, all running at once);
 (b) router ÷ direct throughput and the router's added p50, REST and gRPC (loadtest.router_overhead);
 (c) our handler ÷ TorchServe's stock image classifier (`ts.torch_handler.image_classifier.ImageClassifier`,
-    given this model's transforms) on the same full model and settings, each in its own TorchServe, back to back;
+    given this model's transforms) on the same full model and settings, each in its own fresh TorchServe,
+    measured in alternating rounds;
 (d) Locust's REST numbers against wrk's on the same target;
 plus the tuning sweep of the full model's workers × threads, batch size and batch delay.
 
@@ -42,6 +43,7 @@ from serving.archive import MODEL_CONFIGS, VARIANTS, build_archive, model_name
 log = logging.getLogger("loadtest.bench")
 
 CONNECTIONS = 32
+WARM_UP_S = 3.0
 STOCK_HANDLER = '''"""TorchServe's stock image classifier with this model's transforms (28x28 grayscale, normalized)."""
 import fashion_cnn
 from torchvision import transforms
@@ -139,6 +141,10 @@ def start_instance(root: Path, name: str, mar: Path, settings: dict[str, Any], e
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+    name_url = f"{instance.inference_url}/predictions/{name}"
+    image = REPO / "runs" / "examples" / "sneaker.png"
+    wrk(name_url, {"Authorization": f"Bearer {instance.token()}", "Content-Type": "image/png"}, image, CONNECTIONS,
+        WARM_UP_S)  # first batches are slow (allocations, oneDNN kernels): measure warm workers, as `make serve` has
     return instance
 
 
@@ -171,7 +177,7 @@ def handler_comparison(checkpoints: Path, image: Path, duration_s: float, rounds
         stock_mar = stock_archive(checkpoints, root)
         # Both get one torch thread per worker: ours through its model config, the stock handler (which sets
         # none) through OMP_NUM_THREADS — the stock configuration's best measured setting (FACTS).
-        ours = start_instance(root / "ours", "fashion-full", ours_mar, {**settings, "handler": {"threads": 1}}, {})
+        ours = start_instance(root / "ours", "fashion-full", ours_mar, settings, {})
         stock = start_instance(root / "stock", "fashion-stock", stock_mar, settings, {"OMP_NUM_THREADS": "1"})
         try:
             for _ in range(rounds):
@@ -193,18 +199,22 @@ def median_load(loads: list[Load]) -> dict[str, float]:
 
 
 TUNING = [  # (workers, threads per worker, batch size, max batch delay ms)
-    (2, 1, 8, 5), (2, 1, 16, 5), (2, 1, 4, 5), (2, 1, 8, 2), (1, 2, 8, 5), (4, 1, 8, 5),
+    (2, 1, 8, 5), (2, 1, 16, 5), (2, 1, 32, 5), (2, 1, 16, 2), (2, 1, 16, 10), (1, 2, 16, 5), (4, 1, 16, 5),
 ]
 
 
 def tuning_sweep(checkpoints: Path, image: Path, duration_s: float) -> list[dict[str, Any]]:
+    """The full model in a fresh TorchServe per setting (fresh instances run slower than a long-warm one, so
+    compare these rows with each other, not with (a))."""
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        mar = build_archive("full", "1.0", checkpoints, root / "mar")
         for index, (workers, threads, batch, delay) in enumerate(TUNING):
             settings = {"minWorkers": workers, "maxWorkers": workers, "batchSize": batch, "maxBatchDelay": delay,
                         "responseTimeout": 30, "handler": {"threads": threads}}
+            config = root / f"t{index}.yaml"
+            config.write_text(yaml.safe_dump(settings))  # threads reach the handler through the archive's config
+            mar = build_archive("full", "1.0", checkpoints, root / f"mar{index}", model_config=config)
             instance = start_instance(root / f"t{index}", "fashion-full", mar, settings, {})
             try:
                 load = rest_load(instance, "fashion-full", image, duration_s)
@@ -297,6 +307,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     results: dict[str, Any] = {"served": {}, "in_process": {}}
     for variant in VARIANTS:
+        rest_load(instance, model_name(variant), args.image, WARM_UP_S)  # measure warm workers
         results["served"][variant] = median_load([rest_load(instance, model_name(variant), args.image, args.duration_s)
                                                   for _ in range(args.rounds)])
         images_per_s, shape = in_process_throughput(variant, args.checkpoints, args.duration_s)
