@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What `make install` needs outside Python: Java 17 (TorchServe's frontend) and Fashion-MNIST.
+# What `make install` needs outside Python: Java 17 (TorchServe's frontend), Fashion-MNIST, and wrk (the load
+# generator `make bench` and the router benchmark use for REST).
 # As root it installs what is missing with apt; otherwise it stops and names the exact command to run.
 set -euo pipefail
 
@@ -18,8 +19,12 @@ if [[ ! -f "$DATA_DIR/train-images-idx3-ubyte.gz" ]]; then
     missing+=(dataset-fashion-mnist)
 fi
 
+if ! command -v wrk >/dev/null 2>&1; then
+    missing+=(wrk)
+fi
+
 if [[ ${#missing[@]} -eq 0 ]]; then
-    echo "system: Java $(java_major) and Fashion-MNIST ($DATA_DIR) present"
+    echo "system: Java $(java_major), Fashion-MNIST ($DATA_DIR) and wrk present"
     exit 0
 fi
 
@@ -33,5 +38,5 @@ fi
 
 echo "system: missing ${missing[*]}. Run:" >&2
 echo "    sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
-echo "(without apt: install a Java 17 runtime, and pass --data-dir DIR with the Fashion-MNIST IDX files)" >&2
+echo "(without apt: install a Java 17 runtime and wrk, and pass --data-dir DIR with the Fashion-MNIST IDX files)" >&2
 exit 1
