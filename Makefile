@@ -35,7 +35,7 @@ RUN_DIR       ?= runs/torchserve
 ROUTER_CONFIG ?= router/experiments.yaml
 MARS := $(foreach v,full pruned int8 distilled,model_store/fashion-$(v)-v$(VERSION).mar)
 
-.PHONY: help install data train report archive serve stop status loadtest bench test lint clean distclean
+.PHONY: help install data train report archive serve stop status loadtest bench chaos test lint clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -104,6 +104,9 @@ loadtest: $(STAMP)  ## Locust runs against the stack `make serve` started: repor
 
 bench: $(STAMP)  ## the performance ratios, measured in one run against `make serve`'s stack: reports/bench.md
 	$(PY) -m loadtest.bench
+
+chaos: $(STAMP)  ## the reliability suite (bad-input matrix so far), with its table in reports/reliability.md
+	CHAOS_REPORT=$(REPORTS)/reliability.md $(PY) -m pytest tests/reliability
 
 test: $(STAMP)  ## the whole suite (trains only on small subsets)
 	$(PY) -m pytest

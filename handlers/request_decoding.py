@@ -25,6 +25,9 @@ MAX_BODY_BYTES = 5 * 1024 * 1024
 # Pillow's own bomb guard stops at ~89 M pixels; a 28×28 model never needs more than this.
 MAX_IMAGE_PIXELS = 4096 * 4096
 PIXELS = fashion_cnn.IMAGE_SIZE * fashion_cnn.IMAGE_SIZE
+# The Open Inference Protocol's numeric tensor datatypes (pixel values are checked for range separately).
+V2_NUMERIC_DATATYPES = ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32",
+                        "FP64")
 
 
 class InvalidInput(ValueError):
@@ -171,6 +174,9 @@ def decode_v2_request(payload: dict[str, Any]) -> torch.Tensor:
         if not isinstance(data, list) or len(data) != 1 or not isinstance(data[0], str):
             raise InvalidInput("v2 BYTES input needs 'data': [\"<base64 image>\"]")
         return _base64_image(data[0])
+    if datatype not in V2_NUMERIC_DATATYPES:
+        raise InvalidInput(f"v2 input datatype must be BYTES or one of {', '.join(V2_NUMERIC_DATATYPES)}, "
+                           f"got {datatype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise InvalidInput("v2 input needs an integer 'shape'")
     if math.prod(shape) != PIXELS or [d for d in shape if d != 1] not in ([28, 28], [784]):

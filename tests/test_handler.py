@@ -130,6 +130,8 @@ BAD_INPUTS: dict[str, tuple[dict[str, Any], str]] = {
                                                  "data": [[[[[[0]]]]]]}]}}, "nested deeper"),
     "v2 wrong shape": ({"body": {"inputs": [{"name": "x", "shape": [3, 28, 28], "datatype": "FP32",
                                              "data": [0] * 2352}]}}, "one 28×28 image"),
+    "v2 unknown datatype": ({"body": {"inputs": [{"name": "x", "shape": [28, 28], "datatype": "FP64x",
+                                                  "data": [0] * 784}]}}, "datatype must be BYTES or one of"),
     "bad topk": ({"body": {"data": [0] * 784, "topk": 11}}, "topk must be between"),
     "non-integer topk": ({"body": {"data": [0] * 784, "topk": "three"}}, "topk must be an integer"),
 }
