@@ -76,7 +76,10 @@ def image_to_pixels(data: bytes) -> torch.Tensor:
         return _like_training_data(image)
     except InvalidInput:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except UnidentifiedImageError as error:  # Pillow's message names an in-memory object, not the problem
+        raise InvalidInput("cannot decode the image: not an image format Pillow knows (PNG, JPEG, BMP, GIF, TIFF, "
+                           f"WebP, ...); {len(data)} bytes starting {data[:8]!r}") from error
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise InvalidInput(f"cannot decode the image: {error}") from error
 
 
