@@ -276,8 +276,9 @@ class Router:
             try:
                 arm = choose_arm(experiment, experiment.weights, key, override, self._unavailable(experiment),
                                  self.rng)
-            except UpstreamUnavailable:  # every arm's circuit is open
+            except UpstreamUnavailable as error:  # every arm's circuit is open: say when to come back
                 self.metrics.requests.labels(experiment.name, "none", protocol, "503").inc()
+                error.retry_after_s = self.config.circuit_breaker.reset_s
                 raise
             experiment_name = experiment.name
         retried_from = None

@@ -81,6 +81,12 @@ def test_a_failed_arm_is_retried_once_on_another_and_its_circuit_opens(tmp_path:
         assert sum(r.retried_from == "a" for r in routed) == 2  # then the circuit opened: a is not tried
         assert upstream.calls.count("model-a") == 2
         assert router.describe()["experiments"]["exp"]["arms"]["a"]["circuit"] == "open"
+        router.breakers[Target("model-b")].opened_at = 0.0  # now every arm is out
+        router.breakers[Target("model-b")].reset_s = 1e12
+        with pytest.raises(UpstreamUnavailable, match="no arm of experiment 'exp' is available") as all_out:
+            await router.route("exp", None, "k", None, "rest", upstream)
+        assert all_out.value.retry_after_s == 30
+        router.breakers[Target("model-b")].opened_at = None
         with pytest.raises(UpstreamUnavailable) as pinned:  # a pinned request is not moved to another arm
             await router.route("exp", None, None, "a", "rest", upstream)
         assert pinned.value.retry_after_s == 30 and "arm 'a' (model-a) failed" in pinned.value.message
