@@ -243,6 +243,13 @@ def locust_vs_wrk(instance: server.Instance, image: Path, duration_s: float, out
                                                   "errors": summary["failures"]}}
 
 
+def load_rows(label: str, loads: dict[str, dict[str, float]]) -> list[str]:
+    """A Markdown table of named loads: req/s, p50, p99, errors."""
+    return [f"| {label} | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|",
+            *(f"| {name} | {load['requests_per_s']:.0f} | {load['p50_ms']:.1f} | {load['p99_ms']:.1f} | "
+              f"{load['errors']} |" for name, load in loads.items())]
+
+
 def markdown(results: dict[str, Any], command: str) -> str:
     full = results["served"]["full"]["requests_per_s"]
     lines = [f"# Benchmark\n\n`{command}` on this machine (2 cores), torch {importlib.metadata.version('torch')}, "
@@ -262,21 +269,13 @@ def markdown(results: dict[str, Any], command: str) -> str:
     if "handlers" in results:
         ours, stock = results["handlers"]["ours"], results["handlers"]["stock"]
         lines += ["", "## (c) Our handler against TorchServe's stock image classifier (full model, same settings)\n",
-                  "| handler | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|",
-                  f"| ours | {ours['requests_per_s']:.0f} | {ours['p50_ms']:.1f} | {ours['p99_ms']:.1f} | "
-                  f"{ours['errors']} |",
-                  f"| stock `ImageClassifier` | {stock['requests_per_s']:.0f} | {stock['p50_ms']:.1f} | "
-                  f"{stock['p99_ms']:.1f} | {stock['errors']} |",
+                  *load_rows("handler", {"ours": ours, "stock `ImageClassifier`": stock}),
                   f"\nOurs ÷ stock: {ours['requests_per_s'] / stock['requests_per_s']:.2f}× throughput, p99 "
                   f"{ours['p99_ms']:.1f} vs {stock['p99_ms']:.1f} ms."]
     if "crosscheck" in results:
         wrk_run, locust_run = results["crosscheck"]["wrk"], results["crosscheck"]["locust"]
         lines += ["", "## (d) Locust against wrk (full model, REST, direct)\n",
-                  "| tool | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|",
-                  f"| wrk | {wrk_run['requests_per_s']:.0f} | {wrk_run['p50_ms']:.1f} | {wrk_run['p99_ms']:.1f} | "
-                  f"{wrk_run['errors']} |",
-                  f"| Locust (FastHttpUser, 1 process) | {locust_run['requests_per_s']:.0f} | "
-                  f"{locust_run['p50_ms']:.1f} | {locust_run['p99_ms']:.1f} | {locust_run['errors']} |",
+                  *load_rows("tool", {"wrk": wrk_run, "Locust (FastHttpUser, 1 process)": locust_run}),
                   f"\nLocust ÷ wrk: {locust_run['requests_per_s'] / wrk_run['requests_per_s']:.2f}."]
     if "tuning" in results:
         lines += ["", "## Tuning the full model (workers × threads, batch size, max batch delay)\n",

@@ -125,6 +125,7 @@ class Router:
         self.metrics = metrics or Metrics()
         self.rng = rng or random.Random()
         self.overrides: dict[str, Override] = {}
+        self._effective: dict[str, Experiment] = {}
         self.breakers: dict[Target, CircuitBreaker] = {}
         self.windows: dict[tuple[str, str], Window] = {}
         self._shadow_tasks: set[asyncio.Task[None]] = set()
@@ -141,20 +142,19 @@ class Router:
     # --- configuration -----------------------------------------------------------------------------------------
     def experiment(self, name: str) -> Experiment | None:
         """The experiment as it routes now: the file's arms with any runtime override of their weights."""
-        experiment = self.config.experiments.get(name)
-        if experiment is None or name not in self.overrides:
-            return experiment
-        return with_weights(experiment, self.overrides[name].weights)
+        return self._effective.get(name)
 
     def _apply(self, config: RouterConfig, overrides: dict[str, Override]) -> None:
         self.config = config
         self.overrides = {name: o for name, o in overrides.items() if name in config.experiments}
+        # Weights with overrides applied, once per change rather than on every request.
+        self._effective = {name: with_weights(experiment, self.overrides[name].weights)
+                           if name in self.overrides else experiment
+                           for name, experiment in config.experiments.items()}
         settings = config.circuit_breaker
         self.breakers = {target: self.breakers.get(target) or CircuitBreaker(settings.failures, settings.reset_s)
                          for target in config.targets()}
-        for name in config.experiments:
-            experiment = self.experiment(name)
-            assert experiment is not None
+        for name, experiment in self._effective.items():
             for arm in experiment.arms:
                 self.metrics.weight.labels(name, arm.name).set(arm.weight)
             self.metrics.rolled_back.labels(name).set(int(self.rolled_back(name)))

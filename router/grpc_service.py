@@ -42,21 +42,19 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
             health=json.dumps({"status": "Healthy" if healthy else "Unhealthy"}))
 
     async def Predictions(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._answer(request, context)
+
+    async def StreamPredictions(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        # Our handler answers each request once, so the stream carries one message, as TorchServe's does.
+        yield await self._answer(request, context)
+
+    async def _answer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             routed = await self._route(request, context)
         except RouterError as error:
             await abort_with(context, error)
         context.set_trailing_metadata(_trailers(routed))
         return inference_pb2.PredictionResponse(prediction=routed.reply.body)
-
-    async def StreamPredictions(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        # Our handler answers each request once, so the stream carries one message, as TorchServe's does.
-        try:
-            routed = await self._route(request, context)
-        except RouterError as error:
-            await abort_with(context, error)
-        context.set_trailing_metadata(_trailers(routed))
-        yield inference_pb2.PredictionResponse(prediction=routed.reply.body)
 
     async def StreamPredictions2(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED,

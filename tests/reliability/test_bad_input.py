@@ -23,7 +23,7 @@ import pytest
 import requests
 from PIL import Image
 
-from loadtest.workload import children
+from loadtest.workload import children, resident_mb
 from serving import protos, server
 from tests.conftest import Chain, encode_image, in_process_labels
 from tests.test_router import Stack, stack  # noqa: F401 (the real router in front of the test TorchServe)
@@ -121,12 +121,7 @@ def worker_pids(instance: server.Instance) -> set[int]:
 
 
 def rss_mb(pids: set[int]) -> float:
-    total = 0
-    for pid in pids:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total / 1024
+    return sum(resident_mb(pid) for pid in pids)
 
 
 @pytest.fixture(scope="module")

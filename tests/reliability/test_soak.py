@@ -13,23 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.workload import children, read_samples, summarize
+from loadtest.workload import children, read_samples, resident_mb, summarize
 from serving import server
 from tests.test_router import Stack, stack  # noqa: F401 (the real router in front of the test TorchServe)
 
 pytestmark = pytest.mark.router
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except FileNotFoundError:
-        pass
-    return 0.0
 
 
 def test_soak_keeps_memory_flat(stack: Stack, tmp_path: Path) -> None:  # noqa: F811
@@ -45,7 +35,7 @@ def test_soak_keeps_memory_flat(stack: Stack, tmp_path: Path) -> None:  # noqa: 
     def sample() -> None:
         while not done.wait(1.0):
             for role, pids in roles.items():
-                series[role].append(sum(rss_mb(pid) for pid in pids))
+                series[role].append(sum(resident_mb(pid) for pid in pids))
 
     sampler = threading.Thread(target=sample)
     sampler.start()
