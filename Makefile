@@ -33,6 +33,8 @@ VARIANTS := $(CKPT)/full.pt $(CKPT)/pruned.pt $(CKPT)/int8.pt $(CKPT)/distilled.
 VERSION       ?= 1.0
 RUN_DIR       ?= runs/torchserve
 ROUTER_CONFIG ?= router/experiments.yaml
+# The soak `make chaos` runs against `make serve`'s stack, at 70 % of its measured saturation.
+SOAK_S        ?= 300
 MARS := $(foreach v,full pruned int8 distilled,model_store/fashion-$(v)-v$(VERSION).mar)
 
 .PHONY: help install data train report archive serve stop status loadtest bench chaos test lint clean distclean
@@ -105,8 +107,10 @@ loadtest: $(STAMP)  ## Locust runs against the stack `make serve` started: repor
 bench: $(STAMP)  ## the performance ratios, measured in one run against `make serve`'s stack: reports/bench.md
 	$(PY) -m loadtest.bench
 
-chaos: $(STAMP)  ## the reliability suite (bad-input matrix so far), with its table in reports/reliability.md
+chaos: $(STAMP)  ## after `make serve`: the reliability suite, then a soak of that stack (SOAK_S s): reports/reliability.md
 	CHAOS_REPORT=$(REPORTS)/reliability.md $(PY) -m pytest tests/reliability
+	$(PY) -m loadtest.soak --duration $(SOAK_S) --run-dir $(RUN_DIR) --router-config $(ROUTER_CONFIG) \
+		--output $(REPORTS)/soak --append-to $(REPORTS)/reliability.md
 
 test: $(STAMP)  ## the whole suite (trains only on small subsets)
 	$(PY) -m pytest

@@ -3,8 +3,7 @@ the router, each sent inside a batch of good requests. Each must get a 4xx (gRPC
 documented in-body error with code 400) with a message saying what is wrong; the good requests beside it must be
 answered correctly; no worker may restart; the workers' memory must stay flat.
 
-`make chaos` runs this suite and writes the table of what was tried and what happened to
-reports/reliability.md (CHAOS_REPORT); `make test` runs it too.
+Its table goes to the reliability report (`make chaos`: reports/reliability.md); `make test` runs it too.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import json
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,6 +24,7 @@ from PIL import Image
 from loadtest.workload import children, resident_mb
 from serving import protos, server
 from tests.conftest import Chain, encode_image, in_process_labels
+from tests.reliability.conftest import ChaosReport
 from tests.test_router import Stack, stack  # noqa: F401 (the real router in front of the test TorchServe)
 
 pytestmark = pytest.mark.router
@@ -125,16 +124,14 @@ def rss_mb(pids: set[int]) -> float:
 
 
 @pytest.fixture(scope="module")
-def watched(stack: Stack) -> Iterator[Stack]:  # noqa: F811 (the imported fixture)
+def watched(stack: Stack, chaos_report: ChaosReport) -> Iterator[Stack]:  # noqa: F811 (the imported fixture)
     """No worker may restart and the workers' memory must stay flat over the whole matrix."""
     pids = worker_pids(stack.torchserve)
     memory = rss_mb(pids)
     yield stack
     assert worker_pids(stack.torchserve) == pids, "a worker restarted"
     assert rss_mb(pids) < memory + 100, f"worker memory grew from {memory:.0f} MB to {rss_mb(pids):.0f} MB"
-    report = os.environ.get("CHAOS_REPORT")
-    if report:
-        write_report(Path(report), pids)
+    chaos_report.add("Bad-input matrix", matrix_table(pids))
 
 
 def rest(live: Stack, path: str, body: bytes, content_type: str) -> tuple[int, str]:
@@ -195,13 +192,11 @@ def test_grpc_with_the_wrong_input_key_is_refused(watched: Stack, path: str) -> 
     assert outcome in ("in-body 400", "INVALID_ARGUMENT") and "'data'" in message
 
 
-def write_report(path: Path, pids: set[int]) -> None:
-    lines = ["# Bad-input matrix", "",
-             f"{len(KINDS)} kinds × (REST, gRPC) × (direct, router), each inside a batch of good requests (which "
+def matrix_table(pids: set[int]) -> str:
+    lines = [f"{len(KINDS)} kinds × (REST, gRPC) × (direct, router), each inside a batch of good requests (which "
              f"were all answered correctly). Worker restarts: 0 ({len(pids)} workers watched).", "",
              "| kind | path | REST | REST message | gRPC | gRPC message |", "|---|---|---|---|---|---|"]
     for row in sorted(RESULTS, key=lambda r: (r["kind"], r["path"])):
         lines.append(f"| {row['kind']} | {row['path']} | {row['rest']} | {row['rest_message']} | {row['grpc']} | "
                      f"{row['grpc_message']} |".replace("\n", " "))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)

@@ -1,6 +1,7 @@
-"""Faults under bounded load, through the router: workers killed with SIGKILL, TorchServe stopped and started
-again. No request may be lost or answered wrongly: each gets the right label, or an explicit 503/504 with
-Retry-After — never a hang (every call has a timeout) and never a wrong answer. Recovery is timed."""
+"""Faults under bounded load, through the router: workers killed with SIGKILL, one arm's target taken away (its
+workers scaled to zero) and the arm removed from the experiment file, TorchServe stopped and started again. No
+request may be lost or answered wrongly: each gets the right label, or an explicit 503/504 with Retry-After —
+never a hang (every call has a timeout) and never a wrong answer. Recovery is timed."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from typing import Any
 
 import pytest
 import requests
+import yaml
 
 from loadtest.workload import children
 from serving import server
 from tests.conftest import Chain, encode_image, in_process_labels
-from tests.test_router import Stack, stack  # noqa: F401 (the real router in front of the test TorchServe)
+from tests.reliability.conftest import ChaosReport
+from tests.test_router import Stack, scale, stack, until  # noqa: F401 (the real router before the test TorchServe)
 
 pytestmark = pytest.mark.router
 
@@ -30,7 +33,7 @@ class Load:
 
     def __init__(self, live: Stack, bodies: list[tuple[bytes, dict[str, int]]], threads: int, count: int) -> None:
         self.live, self.bodies, self.threads, self.count = live, bodies, threads, count
-        self.outcomes: list[tuple[float, str]] = []  # (time, "ok" | "wrong" | "503" | ...)
+        self.outcomes: list[tuple[float, str, str]] = []  # (time, "ok" | "wrong" | "503 (explicit)" | ..., arm)
         self.stop = threading.Event()  # ends the load early; `count` bounds it in any case
         self._lock = threading.Lock()
 
@@ -39,6 +42,7 @@ class Load:
             if self.stop.is_set():
                 return
             body, expected = self.bodies[(index + n) % len(self.bodies)]
+            arm = ""
             try:
                 response = self.live.predict(EXPERIMENT, body, **{"X-User-Id": f"fault-{index}-{n}"})
                 if response.status_code == 200:
@@ -52,7 +56,7 @@ class Load:
             except requests.RequestException as error:
                 outcome = f"client error {type(error).__name__}"
             with self._lock:
-                self.outcomes.append((time.monotonic(), outcome))
+                self.outcomes.append((time.monotonic(), outcome, arm))
 
     def run(self) -> ThreadPoolExecutor:
         pool = ThreadPoolExecutor(self.threads)
@@ -68,21 +72,22 @@ def bodies(test_images: Any, chain: Chain) -> list[tuple[bytes, dict[str, int]]]
     return [(encode_image(images[i]), {arm: expected[arm][i] for arm in expected}) for i in range(8)]
 
 
-def report(section: str) -> None:
-    path = os.environ.get("CHAOS_REPORT")
-    if path:
-        with open(path, "a") as handle:
-            handle.write("\n" + section + "\n")
-
-
-def counts(outcomes: list[tuple[float, str]]) -> dict[str, int]:
+def counts(outcomes: list[tuple[float, str, str]]) -> dict[str, int]:
     tally: dict[str, int] = {}
-    for _, outcome in outcomes:
+    for _, outcome, _ in outcomes:
         tally[outcome] = tally.get(outcome, 0) + 1
     return tally
 
 
-def test_workers_killed_under_load_lose_no_request(stack: Stack, bodies: Any) -> None:  # noqa: F811
+def first_ok_after(outcomes: list[tuple[float, str, str]], since: float, arm: str | None = None) -> float | None:
+    """Seconds from `since` to the first correct answer (from `arm`, if given) after it."""
+    times = [t for t, outcome, answered_by in outcomes
+             if outcome == "ok" and t > since and arm in (None, answered_by)]
+    return min(times) - since if times else None
+
+
+def test_workers_killed_under_load_lose_no_request(stack: Stack, bodies: Any,  # noqa: F811
+                                                   chaos_report: ChaosReport) -> None:
     load = Load(stack, bodies, threads=4, count=60)
     pool = load.run()
     kills = []
@@ -99,14 +104,78 @@ def test_workers_killed_under_load_lose_no_request(stack: Stack, bodies: Any) ->
                 pass
     pool.shutdown(wait=True)
     tally = counts(load.outcomes)
-    report(f"## Workers killed under load\n\n{len(kills)} SIGKILLs of a serving worker, 1.5 s apart, during "
-           f"{len(load.outcomes)} requests through the router (4 clients): outcomes {tally}.")
+    chaos_report.add("Faults under load", f"**Workers killed.** {len(kills)} SIGKILLs of a serving worker, "
+                     f"1.5 s apart, during {len(load.outcomes)} requests through the router (4 clients): "
+                     f"outcomes {tally}.")
     assert len(load.outcomes) == 4 * 60 and kills
     assert set(tally) <= {"ok", "503 (explicit)", "504 (explicit)"}, tally  # nothing wrong, nothing unexplained
     assert tally.get("ok", 0) >= 0.9 * len(load.outcomes)
 
 
-def test_torchserve_restart_under_load_recovers_with_its_state(stack: Stack, bodies: Any) -> None:  # noqa: F811
+def test_an_arm_whose_target_is_taken_away_under_load_loses_no_request(stack: Stack, bodies: Any,  # noqa: F811
+                                                                     chaos_report: ChaosReport) -> None:
+    load = Load(stack, bodies, threads=4, count=3000)
+    pool = load.run()
+    time.sleep(1.0)
+    taken_at = time.monotonic()
+    scale(stack.torchserve, "fashion-pruned", 0)  # the pruned arm's target has no worker left
+    gone_s = time.monotonic() - taken_at
+    time.sleep(3.0)
+    scale(stack.torchserve, "fashion-pruned", 1)
+    restored_at = time.monotonic()
+    until(lambda: first_ok_after(load.outcomes, restored_at, "pruned") is not None, timeout_s=30)
+    time.sleep(1.0)
+    load.stop.set()
+    pool.shutdown(wait=True)
+    tally = counts(load.outcomes)
+    during = counts([o for o in load.outcomes if taken_at + gone_s + 0.5 < o[0] < restored_at])
+    arms_during = {arm for t, _, arm in load.outcomes if taken_at + gone_s + 0.5 < t < restored_at}
+    back = first_ok_after(load.outcomes, restored_at, "pruned")
+    chaos_report.add("Faults under load", f"**An arm's target taken away.** `fashion-pruned` scaled to 0 workers "
+                     f"for {restored_at - taken_at:.1f} s and back to 1 while 4 clients sent {len(load.outcomes)} "
+                     f"requests through the router (experiment `{EXPERIMENT}`, arms pruned and int8): outcomes "
+                     f"{tally}; while it was gone {during} (answered by {sorted(arms_during)}); the pruned arm "
+                     f"answered again {back:.2f} s after its worker was back (the circuit's half-open probe).")
+    assert set(tally) <= {"ok", "503 (explicit)", "504 (explicit)"}, tally  # nothing wrong, nothing unexplained
+    assert tally.get("ok", 0) >= 0.95 * len(load.outcomes)
+    assert arms_during == {"int8"}  # failed over: the other arm answered for the missing one
+
+
+def test_an_arm_removed_from_the_experiment_file_under_load_loses_no_request(
+        stack: Stack, bodies: Any, chaos_report: ChaosReport) -> None:  # noqa: F811
+    original = stack.config_path.read_text()
+    document = yaml.safe_load(original)
+    del document["experiments"][EXPERIMENT]["arms"]["pruned"]
+    load = Load(stack, bodies, threads=4, count=3000)
+    pool = load.run()
+    try:
+        time.sleep(1.0)
+        stack.config_path.write_text(yaml.safe_dump(document, sort_keys=False))
+        reload = requests.post(f"{stack.url}/admin/reload", headers=stack.admin(), timeout=10)
+        removed_at = time.monotonic()
+        assert reload.status_code == 200, reload.text
+        time.sleep(2.0)
+    finally:
+        stack.config_path.write_text(original)
+        restored = requests.post(f"{stack.url}/admin/reload", headers=stack.admin(), timeout=10)
+    restored_at = time.monotonic()
+    until(lambda: first_ok_after(load.outcomes, restored_at, "pruned") is not None, timeout_s=30)
+    load.stop.set()
+    pool.shutdown(wait=True)
+    tally = counts(load.outcomes)
+    # a request already on its way to pruned when the reload landed may still finish there: allow 0.5 s
+    arms_after_removal = {arm for t, _, arm in load.outcomes if removed_at + 0.5 < t < restored_at}
+    chaos_report.add("Faults under load", f"**An arm removed from the experiment file.** `pruned` deleted from "
+                     f"`{EXPERIMENT}` and `POST /admin/reload`ed, restored 2 s later, while 4 clients sent "
+                     f"{len(load.outcomes)} requests: outcomes {tally}; answered by {sorted(arms_after_removal)} "
+                     "while it was gone; its users came back to it after the restore (sticky assignment).")
+    assert restored.status_code == 200, restored.text
+    assert set(tally) == {"ok"}, tally
+    assert arms_after_removal == {"int8"}
+
+
+def test_torchserve_restart_under_load_recovers_with_its_state(stack: Stack, bodies: Any,  # noqa: F811
+                                                                chaos_report: ChaosReport) -> None:
     instance = stack.torchserve
     before_models = server.model_status(instance)
     before_router = stack.describe()
@@ -121,12 +190,13 @@ def test_torchserve_restart_under_load_recovers_with_its_state(stack: Stack, bod
     load.stop.set()
     pool.shutdown(wait=True)
     tally = counts(load.outcomes)
-    recovered = min((t for t, outcome in load.outcomes if outcome == "ok" and t > started_at), default=None)
+    recovered = first_ok_after(load.outcomes, started_at)
     assert recovered is not None, tally
-    report(f"## TorchServe stopped and started under load\n\n{len(load.outcomes)} requests through the router "
-           f"(2 clients): outcomes {tally}; TorchServe down for {started_at - stopped_at:.1f} s (stop + start + "
-           f"workers ready); first correct answer {recovered - started_at:.2f} s after it was ready. Versions, "
-           "defaults and the router's experiments were the same afterwards.")
+    chaos_report.add("Faults under load", f"**TorchServe stopped and started.** {len(load.outcomes)} requests "
+                     f"through the router (2 clients): outcomes {tally}; TorchServe down for "
+                     f"{started_at - stopped_at:.1f} s (stop + start + workers ready); first correct answer "
+                     f"{recovered:.2f} s after it was ready. Versions, defaults and the router's experiments were "
+                     "the same afterwards.")
     assert set(tally) <= {"ok", "503 (explicit)", "504 (explicit)"}, tally
     assert server.model_status(instance).keys() == before_models.keys()
     assert {key: value["default"] for key, value in server.model_status(instance).items()} == \
