@@ -1,12 +1,13 @@
-"""Soak: a bounded Locust run through the router at a fixed fraction (default 70 %) of the stack's measured
-saturation, with the resident memory of TorchServe's frontend, its workers and the router sampled every second.
+"""Soak: a bounded run through the router at a fixed fraction (default 70 %) of the stack's measured saturation,
+with the resident memory of TorchServe's frontend, its workers and the router sampled every second.
 
-First a short closed-loop step run (16, then 32 users) through the router finds the saturation throughput of this
-stack with this generator; then the fixed-rate run holds `--load` × that for `--duration` seconds, with the
-experiment's own weights choosing the arms. It passes when no request failed or was answered wrongly, the
-generator kept up, and no process's memory kept growing (last quarter of the run against the first).
-`make chaos` runs it against `make serve`'s stack after the test suite and appends its section to
-reports/reliability.md; `tests/reliability/test_soak.py` runs its short form against the test stack.
+First wrk (C: it leaves the cores to the servers) finds the saturation throughput through the router at 16 and
+32 connections; then Locust's fixed-rate mode holds `--load` × that for `--duration` seconds (latency from each
+request's intended send time, every answer checked), the experiment's own weights choosing the arms in both.
+It passes when no request failed or was answered wrongly, the rate was held, the generator kept up, and no
+process's memory kept growing (last quarter of the run against the first). `make chaos` runs it against
+`make serve`'s stack after the test suite and appends its section to reports/reliability.md;
+`tests/reliability/test_soak.py` runs its short form against the test stack.
 
 Usage:
     make serve && make chaos                       # the suite, then a 300 s soak
@@ -23,12 +24,13 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loadtest.router_overhead import wrk
 from loadtest.run import LocustRun, Outcome, execute, stack_pids
-from loadtest.workload import REPO, children, resident_mb
+from loadtest.workload import REPO, children, endpoint, resident_mb, test_items
 
 log = logging.getLogger("loadtest.soak")
 
-SATURATION_STEPS = "16,32"
+PROBE_CONNECTIONS = (16, 32)
 # Flat: allocator and JIT warm-up may add a little early on; steady growth over the run exceeds this.
 GROWTH_FACTOR, GROWTH_SLACK_MB = 1.10, 30.0
 
@@ -44,8 +46,9 @@ class SoakResult:
 
     def markdown(self, where: str) -> str:
         total = self.outcome.summary["Aggregated"]
-        lines = [f"{where}: saturation through the router measured first at {self.saturation:.0f} req/s (Locust, "
-                 f"closed loop, {SATURATION_STEPS} users); then {self.outcome.run.duration_s:g} s at "
+        connections = " and ".join(map(str, PROBE_CONNECTIONS))
+        lines = [f"{where}: saturation through the router measured first at {self.saturation:.0f} req/s (wrk, "
+                 f"best of {connections} connections); then Locust for {self.outcome.run.duration_s:g} s at "
                  f"{self.rate:.0f} req/s ({self.rate / self.saturation:.0%} of it), experiment "
                  f"`{self.experiment}` choosing the arms.",
                  "",
@@ -98,24 +101,35 @@ class MemorySampler(threading.Thread):
             self.series["router"].append(resident_mb(self.router) if self.router else 0.0)
 
 
+def probe(run_dir: Path, router_config: Path, experiment: str, output: Path, duration_s: float) -> float:
+    """Requests/s the router serves at saturation, the experiment's weights choosing the arms."""
+    target = endpoint("router", "full", run_dir, router_config, experiment, pin=False)
+    body = output / "probe.png"
+    body.write_bytes(test_items(1)[0].png)
+    best = 0.0
+    for connections in PROBE_CONNECTIONS:
+        rate, _, _, errors = wrk(target.rest_url + target.rest_path(), target.headers("image/png"), body,
+                                 connections, duration_s)
+        if errors:
+            raise RuntimeError(f"{errors} errors while probing saturation at {connections} connections")
+        best = max(best, rate)
+    return best
+
+
 def soak(run_dir: Path, router_config: Path, output: Path, duration_s: float, load: float = 0.7,
          experiment: str = "fashion", step_s: float = 6.0) -> SoakResult:
     pids = stack_pids(run_dir, router_config)
     if not pids["router"]:
         raise SystemExit(f"no router running for {router_config}: run `make serve` first")
+    saturation = probe(run_dir, router_config, experiment, output, step_s)
+    rate = load * saturation
     extra = ["--run-dir", str(run_dir), "--router-config", str(router_config), "--experiment", experiment,
              "--no-pin", "--max-failure-ratio", "0"]
-    probe = execute(LocustRun("soak-saturation", "full", "rest", "router", extra=extra), output, pids, step_s,
-                    SATURATION_STEPS)
-    saturation = max((step["throughput"] for step in probe.steps), default=0.0)
-    if probe.exit_code != 0 or saturation <= 0:
-        raise RuntimeError(f"the saturation probe failed (exit {probe.exit_code}); see {output / 'soak-saturation'}")
-    rate = load * saturation
     sampler = MemorySampler(pids["torchserve"][0], pids["router"][0])
     sampler.start()
     try:
         outcome = execute(LocustRun("soak", "full", "rest", "router", rate=rate, users=32, duration_s=duration_s,
-                                    extra=extra), output, pids, step_s, SATURATION_STEPS)
+                                    extra=extra), output, pids, step_s, steps="")
     finally:
         sampler.done.set()
         sampler.join()

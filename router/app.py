@@ -56,7 +56,8 @@ async def serve(config_path: Path, wait_s: float = 60.0) -> None:
         runner = web.AppRunner(RestFrontEnd(router, tokens).app(), access_log=None, handle_signals=False)
         await runner.setup()
         await web.TCPSite(runner, config.listen.host, config.listen.rest_port, backlog=1024).start()
-        grpc_server = grpc.aio.server()
+        # the same body limit as REST (gRPC's own default is 4 MB)
+        grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", config.max_body_bytes + 1024)])
         grpc_service.add_to_server(grpc_server, router, tokens)
         if grpc_server.add_insecure_port(f"{config.listen.host}:{config.listen.grpc_port}") == 0:
             raise OSError(f"cannot listen on {config.listen.host}:{config.listen.grpc_port} (gRPC)")

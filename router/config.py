@@ -116,7 +116,8 @@ class RouterConfig:
     override_header: str = "X-Arm"
     timeouts: Timeouts = field(default_factory=Timeouts)
     circuit_breaker: CircuitBreakerSettings = field(default_factory=CircuitBreakerSettings)
-    max_body_bytes: int = 1 << 20
+    # TorchServe's default max_request_size: the router refuses nothing that TorchServe would accept
+    max_body_bytes: int = 6_553_500
     max_shadow_in_flight: int = 32
     source: Path | None = None  # the file this was read from, for reloads
     digest: str = ""  # sha256 of that file's bytes: tells whether runtime overrides still apply to it
@@ -247,7 +248,8 @@ def parse_config(document: Any, source: Path | None = None, digest: str = "") ->
         state_dir=Path(str(document.get("state_dir", "runs/router"))),
         sticky_header=_name("headers.sticky", headers.get("sticky", "X-User-Id")),
         override_header=_name("headers.override", headers.get("override", "X-Arm")),
-        max_body_bytes=int(_number("max_body_bytes", document.get("max_body_bytes", 1 << 20), minimum=1)),
+        max_body_bytes=int(_number("max_body_bytes", document.get("max_body_bytes", RouterConfig.max_body_bytes),
+                                   minimum=1)),
         max_shadow_in_flight=int(_number("max_shadow_in_flight", document.get("max_shadow_in_flight", 32),
                                          minimum=1, inclusive=True)),
         source=source,
