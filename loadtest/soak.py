@@ -27,6 +27,7 @@ from pathlib import Path
 from loadtest.router_overhead import wrk
 from loadtest.run import LocustRun, Outcome, execute, stack_pids
 from loadtest.workload import REPO, children, endpoint, resident_mb, test_items
+from serving.server import ServeError
 
 log = logging.getLogger("loadtest.soak")
 
@@ -160,7 +161,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.output.mkdir(parents=True, exist_ok=True)
-    result = soak(args.run_dir, args.router_config, args.output, args.duration, args.load, args.experiment)
+    try:
+        result = soak(args.run_dir, args.router_config, args.output, args.duration, args.load, args.experiment)
+    except ServeError as error:  # no stack to soak: say so, without a traceback
+        log.error("%s", error)
+        return 2
     section = "## Soak of `make serve`'s stack\n\n" + result.markdown("`make serve`'s stack")
     (args.output / "soak.md").write_text(section + "\n")
     if args.append_to:
