@@ -116,17 +116,21 @@ def test_an_arm_whose_target_is_taken_away_under_load_loses_no_request(stack: St
                                                                      chaos_report: ChaosReport) -> None:
     load = Load(stack, bodies, threads=4, count=3000)
     pool = load.run()
-    time.sleep(1.0)
-    taken_at = time.monotonic()
-    scale(stack.torchserve, "fashion-pruned", 0)  # the pruned arm's target has no worker left
-    gone_s = time.monotonic() - taken_at
-    time.sleep(3.0)
-    scale(stack.torchserve, "fashion-pruned", 1)
+    try:
+        time.sleep(1.0)
+        taken_at = time.monotonic()
+        scale(stack.torchserve, "fashion-pruned", 0)  # the pruned arm's target has no worker left
+        gone_s = time.monotonic() - taken_at
+        time.sleep(3.0)
+    finally:
+        scale(stack.torchserve, "fashion-pruned", 1)
     restored_at = time.monotonic()
-    until(lambda: first_ok_after(load.outcomes, restored_at, "pruned") is not None, timeout_s=30)
-    time.sleep(1.0)
-    load.stop.set()
-    pool.shutdown(wait=True)
+    try:
+        until(lambda: first_ok_after(load.outcomes, restored_at, "pruned") is not None, timeout_s=30)
+        time.sleep(1.0)
+    finally:
+        load.stop.set()
+        pool.shutdown(wait=True)
     tally = counts(load.outcomes)
     during = counts([o for o in load.outcomes if taken_at + gone_s + 0.5 < o[0] < restored_at])
     arms_during = {arm for t, _, arm in load.outcomes if taken_at + gone_s + 0.5 < t < restored_at}
@@ -159,9 +163,11 @@ def test_an_arm_removed_from_the_experiment_file_under_load_loses_no_request(
         stack.config_path.write_text(original)
         restored = requests.post(f"{stack.url}/admin/reload", headers=stack.admin(), timeout=10)
     restored_at = time.monotonic()
-    until(lambda: first_ok_after(load.outcomes, restored_at, "pruned") is not None, timeout_s=30)
-    load.stop.set()
-    pool.shutdown(wait=True)
+    try:
+        until(lambda: first_ok_after(load.outcomes, restored_at, "pruned") is not None, timeout_s=30)
+    finally:
+        load.stop.set()
+        pool.shutdown(wait=True)
     tally = counts(load.outcomes)
     # a request already on its way to pruned when the reload landed may still finish there: allow 0.5 s
     arms_after_removal = {arm for t, _, arm in load.outcomes if removed_at + 0.5 < t < restored_at}
