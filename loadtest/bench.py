@@ -22,7 +22,6 @@ import importlib.metadata
 import json
 import logging
 import multiprocessing
-import os
 import shutil
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from loadtest.router_overhead import wrk
 from loadtest.workload import REPO, read_samples, summarize, test_items
 from serving import server
 from serving.archive import MODEL_CONFIGS, VARIANTS, build_archive, model_name
+from serving.client import prediction_path
 
 log = logging.getLogger("loadtest.bench")
 
@@ -79,9 +79,8 @@ class Load:
 
 def rest_load(instance: server.Instance, model: str, image: Path, duration_s: float,
               connections: int = CONNECTIONS) -> Load:
-    url = f"{instance.inference_url}/predictions/{model}"
-    return Load(*wrk(url, {"Authorization": f"Bearer {instance.token()}", "Content-Type": "image/png"}, image,
-                     connections, duration_s))
+    return Load(*wrk(instance.inference_url + prediction_path(model, None),
+                     {**instance.headers(), "Content-Type": "image/png"}, image, connections, duration_s))
 
 
 # --- (a) in-process throughput at the served batch size --------------------------------------------------------
@@ -107,12 +106,12 @@ def _in_process_worker(args: tuple[str, str, int, int, float, list[bytes]]) -> i
     return images
 
 
-def in_process_throughput(variant: str, checkpoints: Path, duration_s: float) -> tuple[float, dict[str, Any]]:
+def in_process_throughput(variant: str, checkpoints: Path, duration_s: float,
+                          bodies: list[bytes]) -> tuple[float, dict[str, Any]]:
     """Images/s of `workers` processes × `threads` threads, decoding PNGs and running batches of `batchSize`."""
     settings = yaml.safe_load((MODEL_CONFIGS / f"{variant}.yaml").read_text())
     workers, threads = settings["minWorkers"], settings.get("handler", {}).get("threads", 1)
     card = json.loads((checkpoints / f"{variant}.card.json").read_text())
-    bodies = [item.png for item in test_items(64)]
     job = (str(checkpoints / f"{variant}.pt"), card["format"], settings["batchSize"], threads, duration_s, bodies)
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         pool.map(_in_process_worker, [(*job[:4], 1.0, bodies)] * workers)  # warm-up: imports, first batches
@@ -131,20 +130,9 @@ def start_instance(root: Path, name: str, mar: Path, settings: dict[str, Any], e
     models.write_text(yaml.safe_dump({"models": {name: {"variant": "bench", "versions": ["1.0"], "default": "1.0"}}}))
     ports = server.Ports(*server.free_ports(6))
     instance = server.Instance(root / "run", store, models, ports, model_configs=configs)
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        server.start(instance, timeout=180)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    name_url = f"{instance.inference_url}/predictions/{name}"
-    image = REPO / "runs" / "examples" / "sneaker.png"
-    wrk(name_url, {"Authorization": f"Bearer {instance.token()}", "Content-Type": "image/png"}, image, CONNECTIONS,
-        WARM_UP_S)  # first batches are slow (allocations, oneDNN kernels): measure warm workers, as `make serve` has
+    server.start(instance, timeout=180, env=env)
+    # first batches are slow (allocations, oneDNN kernels): measure warm workers, as `make serve` has
+    rest_load(instance, name, REPO / "runs" / "examples" / "sneaker.png", WARM_UP_S)
     return instance
 
 
@@ -305,11 +293,12 @@ def main(args: argparse.Namespace) -> int:
         log.error("no TorchServe running from %s: run `make serve` first", args.run_dir)
         return 1
     results: dict[str, Any] = {"served": {}, "in_process": {}}
+    bodies = [item.png for item in test_items(64)]
     for variant in VARIANTS:
         rest_load(instance, model_name(variant), args.image, WARM_UP_S)  # measure warm workers
         results["served"][variant] = median_load([rest_load(instance, model_name(variant), args.image, args.duration_s)
                                                   for _ in range(args.rounds)])
-        images_per_s, shape = in_process_throughput(variant, args.checkpoints, args.duration_s)
+        images_per_s, shape = in_process_throughput(variant, args.checkpoints, args.duration_s, bodies)
         results["in_process"][variant] = {"images_per_s": images_per_s, **shape}
         log.info("%s: served %s, in-process %.0f img/s", variant, results["served"][variant], images_per_s)
     if "router" not in args.skip:
@@ -329,9 +318,10 @@ def main(args: argparse.Namespace) -> int:
         results["tuning"] = tuning_sweep(args.checkpoints, args.image, args.duration_s)
     command = "python -m loadtest.bench " + " ".join(sys.argv[1:])
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(markdown(results, command.strip()))
+    report = markdown(results, command.strip())
+    args.output.write_text(report)
     args.output.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
-    print(args.output.read_text())
+    print(report)
     return 0
 
 

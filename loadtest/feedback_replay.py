@@ -10,29 +10,21 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import requests
-from PIL import Image
 
+from loadtest.workload import test_items
 from router.config import load_config
+from router.process import base_url
 from router.report import to_markdown
 from router.tokens import load_tokens
-from training.data import load_split
 
 log = logging.getLogger("loadtest.feedback_replay")
 REPO = Path(__file__).resolve().parents[1]
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")  # 28×28 uint8: a grayscale image
-    return buffer.getvalue()
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -48,29 +40,27 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_config(args.router_config)
-    token = load_tokens(config.tokens_file).client
-    base = f"http://{config.listen.host}:{config.listen.rest_port}"
-    split = load_split("fashion-mnist", "test", args.data_dir).subset(args.images)
+    tokens = load_tokens(config.tokens_file)
+    base = base_url(config)
+    items = test_items(args.images, args.data_dir)
     session = requests.Session()
     session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=args.concurrency))
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "image/png"}
+    headers = {"Authorization": f"Bearer {tokens.client}", "Content-Type": "image/png"}
 
     def one(index: int) -> int:
-        response = session.post(f"{base}/predictions/{args.experiment}", data=png(split.images[index].numpy()),
+        response = session.post(f"{base}/predictions/{args.experiment}", data=items[index].png,
                                 headers={**headers, config.sticky_header: f"replay-user-{index}"}, timeout=30)
         if response.status_code != 200:
             return response.status_code
-        feedback = session.post(f"{base}/feedback", timeout=30, headers={"Authorization": f"Bearer {token}"},
-                                json={"request_id": response.headers["X-Request-Id"],
-                                      "label": int(split.labels[index])})
+        feedback = session.post(f"{base}/feedback", timeout=30, headers={"Authorization": f"Bearer {tokens.client}"},
+                                json={"request_id": response.headers["X-Request-Id"], "label": items[index].label})
         return feedback.status_code
 
     with ThreadPoolExecutor(args.concurrency) as pool:
-        statuses = list(pool.map(one, range(len(split.labels))))
+        statuses = list(pool.map(one, range(len(items))))
     failed = sum(status != 200 for status in statuses)
     log.info("%d requests with feedback, %d failed", len(statuses) - failed, failed)
-    admin = load_tokens(config.tokens_file).admin
-    report = session.get(f"{base}/admin/report/{args.experiment}", headers={"Authorization": f"Bearer {admin}"},
+    report = session.get(f"{base}/admin/report/{args.experiment}", headers={"Authorization": f"Bearer {tokens.admin}"},
                          timeout=30)
     report.raise_for_status()
     print(to_markdown(report.json()))

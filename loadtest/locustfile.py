@@ -42,7 +42,18 @@ import grpc.experimental.gevent as grpc_gevent
 from locust import FastHttpUser, User, constant, events, task
 from locust.env import Environment
 
-from loadtest.workload import Endpoint, Gate, Item, Sample, endpoint, judge, summarize, test_items, write_samples
+from loadtest.workload import (
+    Endpoint,
+    Gate,
+    Item,
+    Sample,
+    endpoint,
+    fmt_pct,
+    judge,
+    summarize,
+    test_items,
+    write_samples,
+)
 from serving import protos
 
 grpc_gevent.init_gevent()  # gRPC's blocking calls must yield to gevent, or one user would stall all the others
@@ -54,6 +65,10 @@ class Run:
     """What one Locust process sends, set up once when the test starts."""
 
     endpoint: Endpoint
+    # built once, not per request: the generator's CPU is what limits a run on a shared machine
+    path: str = ""
+    headers: ClassVar[dict[str, dict[str, str]]] = {}  # by content type
+    metadata: tuple[tuple[str, str], ...] = ()
     items: list[Item]
     body: str = "png"
     variant: str = "full"
@@ -88,6 +103,8 @@ def on_test_start(environment: Environment, **_: Any) -> None:
                             Path(options.run_dir) if options.run_dir else None,
                             Path(options.router_config) if options.router_config else None,
                             options.experiment, pin=not options.no_pin)
+    Run.path, Run.metadata = Run.endpoint.rest_path(), Run.endpoint.metadata()
+    Run.headers = {kind: Run.endpoint.headers(kind) for kind in ("image/png", "application/json")}
     Run.items = test_items(options.items)
     Run.body, Run.variant, Run.rate = options.body, options.variant, options.rate
     Run.started, Run.slots, Run.samples = time.time(), itertools.count(), []
@@ -116,7 +133,7 @@ def on_quitting(environment: Environment, **_: Any) -> None:
     total = summary["Aggregated"]
     log.info("full-resolution: %d requests, %.1f req/s, p50 %.1f ms, p95 %.1f ms, p99 %.1f ms, accuracy %s",
              total["requests"], total["throughput"], total["p50_ms"] or 0, total["p95_ms"] or 0,
-             total["p99_ms"] or 0, "–" if total["accuracy"] is None else f"{total['accuracy']:.2%}")
+             total["p99_ms"] or 0, fmt_pct(total["accuracy"]))
     if problems:
         log.error("gate failed: %s", "; ".join(problems))
         environment.process_exit_code = 1
@@ -159,8 +176,8 @@ class RestUser(FastHttpUser):
         intended = pace()
         item, kind, body, content_type = pick()
         # FastHttpSession sends bytes as they are; its annotation only lists str and dict.
-        with self.client.post(Run.endpoint.rest_path(), data=body,  # type: ignore[arg-type]
-                              headers=Run.endpoint.headers(content_type),
+        with self.client.post(Run.path, data=body,  # type: ignore[arg-type]
+                              headers=Run.headers[content_type],
                               name=request_name("rest", kind, Run.endpoint.arm), context={"intended": intended},
                               catch_response=True) as response:
             if Run.endpoint.path == "router" and not Run.endpoint.arm:
@@ -197,7 +214,7 @@ class GrpcUser(User):
         exception: Exception | None = None
         length = 0
         try:
-            response, call = self.stub.Predictions.with_call(request, metadata=Run.endpoint.metadata(), timeout=30)
+            response, call = self.stub.Predictions.with_call(request, metadata=Run.metadata, timeout=30)
             length = len(response.prediction)
             arm = arm or dict(call.trailing_metadata() or ()).get("x-arm")
             problem, context["correct"] = judge(response.prediction, item.label)

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import grpc
 
+from loadtest.workload import Endpoint
 from router.config import load_config
+from router.process import base_url
 from router.stats import percentile
 from router.tokens import load_tokens
 from serving import protos, server
@@ -114,31 +116,24 @@ def measure(args: argparse.Namespace) -> list[Result]:
     tokens = load_tokens(config.tokens_file)
     experiment = config.experiments[args.experiment]
     arm = next(a for a in experiment.arms if a.target.model == args.model)
-    router_url = f"http://{config.listen.host}:{config.listen.rest_port}"
-    router_grpc = f"{config.listen.host}:{config.listen.grpc_port}"
+    endpoints = {
+        "direct": Endpoint("direct", instance.inference_url, instance.grpc_target, instance.token(),
+                           arm.target.model, arm.target.version),
+        "router": Endpoint("router", base_url(config), f"{config.listen.host}:{config.listen.grpc_port}",
+                           tokens.client, experiment.name, arm=arm.name, override_header=config.override_header),
+    }
     body = args.image.read_bytes()
     results = []
     for connections in args.connections:
         for index in range(args.rounds):
-            for path in ("direct", "router"):
-                if path == "direct":
-                    rest_url = f"{instance.inference_url}/predictions/{arm.target.model}"
-                    rest_url += f"/{arm.target.version}" if arm.target.version else ""
-                    rest_headers = {"Authorization": f"Bearer {instance.token()}", "Content-Type": "image/png"}
-                    grpc_target, model, version = instance.grpc_target, arm.target.model, arm.target.version or ""
-                    metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {instance.token()}"),)
-                else:
-                    rest_url = f"{router_url}/predictions/{experiment.name}"
-                    rest_headers = {"Authorization": f"Bearer {tokens.client}", "Content-Type": "image/png",
-                                    config.override_header: arm.name}
-                    grpc_target, model, version = router_grpc, experiment.name, ""
-                    metadata = (("authorization", f"Bearer {tokens.client}"),
-                                (config.override_header.lower(), arm.name))
-                rate, p50, p99, errors = wrk(rest_url, rest_headers, args.image, connections, args.duration_s)
+            for path, target in endpoints.items():
+                rate, p50, p99, errors = wrk(target.rest_url + target.rest_path(), target.headers("image/png"),
+                                             args.image, connections, args.duration_s)
                 results.append(Result("rest", path, connections, index, rate, p50, p99, errors))
                 log.info("%s", results[-1])
-                rate, p50, p99, errors = asyncio.run(grpc_load(grpc_target, model, version, metadata, body,
-                                                               connections, args.duration_s))
+                rate, p50, p99, errors = asyncio.run(grpc_load(
+                    target.grpc_target, target.model, target.version or "", target.metadata(), body, connections,
+                    args.duration_s))
                 results.append(Result("grpc", path, connections, index, rate, p50, p99, errors))
                 log.info("%s", results[-1])
     return results

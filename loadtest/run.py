@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.workload import REPO, children, process_cpu_seconds, read_samples, summarize
+from loadtest.workload import REPO, children, fmt_pct, process_cpu_seconds, read_samples, summarize
 from serving.archive import VARIANTS
 
 log = logging.getLogger("loadtest.run")
@@ -150,7 +150,7 @@ def plan(variants: list[str], rates: list[float], quick: bool) -> list[LocustRun
     return runs
 
 
-def markdown(outcomes: list[Outcome], command: str) -> str:
+def markdown(outcomes: list[Outcome], command: str, steps: list[int]) -> str:
     lines = [f"# Load test\n\n`{command}` — Locust {locust_version()}, one generator process on the same machine as "
              "the servers. Latency percentiles from every request (not Locust's rounded ones).\n",
              "## Saturation (step runs: 1 → 64 users)\n",
@@ -162,7 +162,7 @@ def markdown(outcomes: list[Outcome], command: str) -> str:
             continue
         best = max(outcome.steps, key=lambda step: step["throughput"])
         total = outcome.summary["Aggregated"]
-        users = best_users(best["step"])
+        users = steps[min(best["step"], len(steps) - 1)]
         lines.append(f"| {outcome.run.variant} | {outcome.run.protocol} | {outcome.run.path} | "
                      f"{best['throughput']:.0f} | {users} | {best['p50_ms']:.1f} | {best['p99_ms']:.1f} | "
                      f"{total['failures']} | {fmt_pct(total['accuracy'])} | {outcome.cpu['torchserve']:.2f} | "
@@ -184,15 +184,6 @@ def markdown(outcomes: list[Outcome], command: str) -> str:
     lines += ["", "CPU: cores used on average over the run (2 = both cores). Plots: `latency_vs_throughput.png`, "
               "`accuracy_p99_size.png`. Per-run Locust CSV/HTML and samples: the run folders.", ""]
     return "\n".join(lines)
-
-
-def best_users(step: int) -> int:
-    users = [int(users) for users in os.environ["LOADTEST_STEPS"].split(",")]
-    return users[min(step, len(users) - 1)]
-
-
-def fmt_pct(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2%}"
 
 
 def locust_version() -> str:
@@ -261,7 +252,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    os.environ["LOADTEST_STEPS"] = args.steps
     pids = stack_pids(args.run_dir, args.router_config)
     args.output.mkdir(parents=True, exist_ok=True)
     extra = ["--run-dir", str(args.run_dir), "--router-config", str(args.router_config)]
@@ -270,9 +260,10 @@ def main(args: argparse.Namespace) -> int:
         run.extra += extra
         outcomes.append(execute(run, args.output, pids, args.step_s, args.steps))
     command = "python -m loadtest.run " + " ".join(sys.argv[1:])
-    (args.output / "summary.md").write_text(markdown(outcomes, command.strip()))
+    summary = markdown(outcomes, command.strip(), [int(users) for users in args.steps.split(",")])
+    (args.output / "summary.md").write_text(summary)
     plot(outcomes, args.output, args.checkpoints)
-    print((args.output / "summary.md").read_text())
+    print(summary)
     failed = [o.run.name for o in outcomes if o.exit_code != 0]
     if failed:
         log.error("runs that failed their gate or crashed: %s", ", ".join(failed))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from loadtest.router_overhead import wrk
 from loadtest.run import LocustRun, Outcome, execute, stack_pids
-from loadtest.workload import REPO, children, endpoint, resident_mb, test_items
+from loadtest.workload import REPO, children, endpoint, fmt_pct, resident_mb, test_items
 from serving.server import ServeError
 
 log = logging.getLogger("loadtest.soak")
@@ -58,7 +58,7 @@ class SoakResult:
                  "|---|---|---|---|---|---|---|---|---|",
                  f"| {total['requests']} | {total['failures']} | {total['throughput']:.0f} | {total['p50_ms']:.1f} | "
                  f"{total['p95_ms']:.1f} | {total['p99_ms']:.1f} | {total['max_ms']:.1f} | "
-                 f"{'–' if total['accuracy'] is None else format(total['accuracy'], '.2%')} | "
+                 f"{fmt_pct(total['accuracy'])} | "
                  f"{self.outcome.cpu['generator']:.2f} |",
                  "", "| resident memory (MB) | first quarter | last quarter | peak |", "|---|---|---|---|"]
         for role, values in self.memory_mb.items():
@@ -89,7 +89,7 @@ class MemorySampler(threading.Thread):
     """Resident memory of the frontend, all its workers (re-listed each time: a restarted worker counts) and the
     router, once a second."""
 
-    def __init__(self, frontend: int, router: int | None) -> None:
+    def __init__(self, frontend: int, router: int) -> None:
         super().__init__(daemon=True)
         self.frontend, self.router = frontend, router
         self.series: dict[str, list[float]] = {"frontend": [], "workers": [], "router": []}
@@ -99,7 +99,7 @@ class MemorySampler(threading.Thread):
         while not self.done.wait(1.0):
             self.series["frontend"].append(resident_mb(self.frontend))
             self.series["workers"].append(sum(resident_mb(pid) for pid in children(self.frontend)))
-            self.series["router"].append(resident_mb(self.router) if self.router else 0.0)
+            self.series["router"].append(resident_mb(self.router))
 
 
 def probe(run_dir: Path, router_config: Path, experiment: str, output: Path, duration_s: float) -> float:

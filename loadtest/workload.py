@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from router.stats import percentile
+from serving.client import prediction_path
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = 10
@@ -60,7 +61,7 @@ class Endpoint:
     override_header: str = "X-Arm"
 
     def rest_path(self) -> str:
-        return f"/predictions/{self.model}" + (f"/{self.version}" if self.version else "")
+        return prediction_path(self.model, self.version)
 
     def headers(self, content_type: str) -> dict[str, str]:
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": content_type}
@@ -87,13 +88,14 @@ def endpoint(path: str, variant: str, run_dir: Path | None = None, router_config
     if path == "direct":
         return Endpoint("direct", instance.inference_url, instance.grpc_target, instance.token(), model)
     from router.config import load_config
+    from router.process import base_url
     from router.tokens import load_tokens
 
     config = load_config(router_config or REPO / "router" / "experiments.yaml")
     arm = next((a.name for a in config.experiments[experiment].arms if a.target.model == model), None)
     if pin and arm is None:
         raise ValueError(f"experiment {experiment!r} has no arm serving {model}")
-    return Endpoint("router", f"http://{config.listen.host}:{config.listen.rest_port}",
+    return Endpoint("router", base_url(config),
                     f"{config.listen.host}:{config.listen.grpc_port}", load_tokens(config.tokens_file).client,
                     experiment, arm=arm if pin else None, override_header=config.override_header)
 
@@ -188,6 +190,11 @@ class Gate:
         if self.max_p95_ms is not None and (total["p95_ms"] is None or total["p95_ms"] > self.max_p95_ms):
             problems.append(f"p95 {total['p95_ms']} ms > {self.max_p95_ms:g} ms")
         return problems
+
+
+def fmt_pct(value: float | None) -> str:
+    """A share as a percentage, or a dash where there is none (no answer named a true label)."""
+    return "–" if value is None else f"{value:.2%}"
 
 
 def process_cpu_seconds(pid: int) -> float:

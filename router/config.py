@@ -8,6 +8,7 @@ that needs the server.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Collection
@@ -73,7 +74,7 @@ class Experiment:
                 return arm
         raise KeyError(name)
 
-    @property
+    @functools.cached_property  # routing reads it on every request; an experiment never changes once built
     def weights(self) -> dict[str, float]:
         return {arm.name: arm.weight for arm in self.arms}
 

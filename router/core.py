@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.config import Arm, Experiment, RouterConfig, Target, check_targets, load_config, with_weights
-from router.errors import BadRequest, ConfigError, NotFound, RouterError, UpstreamTimeout, UpstreamUnavailable
+from router.errors import (
+    WHERE_HEADERS,
+    BadRequest,
+    ConfigError,
+    NotFound,
+    RouterError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from router.metrics import Metrics
 from router.report import build_report
 from router.routing import choose_arm
@@ -105,6 +113,13 @@ class Routed:
     target: Target
     retried_from: str | None = None
 
+    def answer_headers(self) -> list[tuple[str, str]]:
+        headers = list(zip(WHERE_HEADERS, (self.request_id, self.experiment, self.arm, str(self.target)),
+                           strict=True))
+        if self.retried_from:
+            headers.append(("X-Retried-From", self.retried_from))
+        return headers
+
 
 def label_of(body: bytes) -> int | None:
     """The predicted class in one of our handler's answers, or None for anything else (an error, another format)."""
@@ -151,9 +166,7 @@ class Router:
         self._effective = {name: with_weights(experiment, self.overrides[name].weights)
                            if name in self.overrides else experiment
                            for name, experiment in config.experiments.items()}
-        settings = config.circuit_breaker
-        self.breakers = {target: self.breakers.get(target) or CircuitBreaker(settings.failures, settings.reset_s)
-                         for target in config.targets()}
+        self.breakers = {target: self._breaker(target) for target in config.targets()}
         for name, experiment in self._effective.items():
             for arm in experiment.arms:
                 self.metrics.weight.labels(name, arm.name).set(arm.weight)
@@ -307,9 +320,9 @@ class Router:
             self._finish(request_id, experiment_name, arm, protocol, started, None, retried_from, error.http_status)
             error.where = (request_id, experiment_name, arm.name, str(arm.target))
             raise
-        self._finish(request_id, experiment_name, arm, protocol, started, reply, retried_from)
+        label = self._finish(request_id, experiment_name, arm, protocol, started, reply, retried_from)
         if experiment is not None and experiment.shadow is not None and reply.status == 200:
-            self._maybe_shadow(request_id, experiment, reply, call)
+            self._maybe_shadow(request_id, experiment, label, call)
         return Routed(reply, request_id, experiment_name, arm.name, arm.target, retried_from)
 
     async def _check_served(self, name: str, version: str | None) -> None:
@@ -377,7 +390,8 @@ class Router:
         return window
 
     def _finish(self, request_id: str, experiment: str, arm: Arm, protocol: str, started: float,
-                reply: Reply | None, retried_from: str | None, failed_status: int = 503) -> None:
+                reply: Reply | None, retried_from: str | None, failed_status: int = 503) -> int | None:
+        """Count and log one routed request; the class its answer named, if any."""
         elapsed = time.perf_counter() - started
         status = reply.status if reply is not None else failed_status
         ok = reply is not None and reply.status < 500
@@ -386,9 +400,10 @@ class Router:
         label = label_of(reply.body) if reply is not None and reply.status == 200 else None
         self.store.record(RequestRow(request_id, time.time(), experiment, arm.name, arm.target.model,
                                      arm.target.version, protocol, status, ok, elapsed * 1000, label, retried_from))
+        return label
 
     # --- shadow ------------------------------------------------------------------------------------------------
-    def _maybe_shadow(self, request_id: str, experiment: Experiment, live: Reply, call: Call) -> None:
+    def _maybe_shadow(self, request_id: str, experiment: Experiment, live_label: int | None, call: Call) -> None:
         shadow = experiment.shadow
         assert shadow is not None
         if self.rng.random() >= shadow.sample:
@@ -399,7 +414,7 @@ class Router:
             self.store.record_shadow(request_id, experiment.name, target, "dropped", None, None)
             return
         task = asyncio.get_running_loop().create_task(self._shadow(request_id, experiment.name, shadow.target,
-                                                                   label_of(live.body), call))
+                                                                   live_label, call))
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
 

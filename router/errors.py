@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import grpc
 
+# Every answer, error or not, names where it was routed: REST headers; gRPC trailing metadata, lowercased.
+WHERE_HEADERS = ("X-Request-Id", "X-Experiment", "X-Arm", "X-Target")
+
 
 class RouterError(Exception):
     http_status = 500
     grpc_code = grpc.StatusCode.INTERNAL
-    phrase = "Internal Server Error"
 
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
@@ -20,6 +22,14 @@ class RouterError(Exception):
         self.retry_after_s = retry_after_s
         # (request id, experiment, arm, target) once routing got that far: error answers name them too.
         self.where: tuple[str, str, str, str] | None = None
+
+    def answer_headers(self) -> list[tuple[str, str]]:
+        headers = []
+        if self.retry_after_s is not None:
+            headers.append(("Retry-After", str(max(1, round(self.retry_after_s)))))
+        if self.where is not None:
+            headers += zip(WHERE_HEADERS, self.where, strict=True)
+        return headers
 
     def body(self) -> dict[str, dict[str, object]]:
         """TorchServe's own error shape ({"code", "type", "message"}), so clients parse one format."""
@@ -31,31 +41,26 @@ class ConfigError(RouterError):
 
     http_status = 400
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
-    phrase = "Bad Request"
 
 
 class BadRequest(RouterError):
     http_status = 400
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
-    phrase = "Bad Request"
 
 
 class Unauthenticated(RouterError):
     http_status = 401
     grpc_code = grpc.StatusCode.UNAUTHENTICATED
-    phrase = "Unauthorized"
 
 
 class Forbidden(RouterError):
     http_status = 403
     grpc_code = grpc.StatusCode.PERMISSION_DENIED
-    phrase = "Forbidden"
 
 
 class NotFound(RouterError):
     http_status = 404
     grpc_code = grpc.StatusCode.NOT_FOUND
-    phrase = "Not Found"
 
 
 class UpstreamUnavailable(RouterError):
@@ -63,10 +68,8 @@ class UpstreamUnavailable(RouterError):
 
     http_status = 503
     grpc_code = grpc.StatusCode.UNAVAILABLE
-    phrase = "Service Unavailable"
 
 
 class UpstreamTimeout(RouterError):
     http_status = 504
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
-    phrase = "Gateway Timeout"

@@ -22,12 +22,7 @@ inference_pb2_grpc = protos.load("inference_pb2_grpc")
 
 
 async def abort_with(context: grpc.aio.ServicerContext, error: RouterError) -> NoReturn:
-    trailers: list[tuple[str, str]] = []
-    if error.retry_after_s is not None:
-        trailers.append(("retry-after", str(max(1, round(error.retry_after_s)))))
-    if error.where is not None:
-        trailers += zip(("x-request-id", "x-experiment", "x-arm", "x-target"), error.where, strict=True)
-    await context.abort(error.grpc_code, error.message, trailing_metadata=tuple(trailers))
+    await context.abort(error.grpc_code, error.message, trailing_metadata=_metadata(error.answer_headers()))
     raise AssertionError("unreachable: abort raises")
 
 
@@ -53,7 +48,7 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
             routed = await self._route(request, context)
         except RouterError as error:
             await abort_with(context, error)
-        context.set_trailing_metadata(_trailers(routed))
+        context.set_trailing_metadata(_metadata(routed.answer_headers()))
         return inference_pb2.PredictionResponse(prediction=routed.reply.body)
 
     async def StreamPredictions2(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -84,12 +79,8 @@ def _text(value: str | bytes | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _trailers(routed: Routed) -> tuple[tuple[str, str], ...]:
-    trailers = [("x-request-id", routed.request_id), ("x-experiment", routed.experiment), ("x-arm", routed.arm),
-                ("x-target", str(routed.target))]
-    if routed.retried_from:
-        trailers.append(("x-retried-from", routed.retried_from))
-    return tuple(trailers)
+def _metadata(headers: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    return tuple((name.lower(), value) for name, value in headers)  # gRPC metadata keys are lowercase
 
 
 def add_to_server(server: grpc.aio.Server, router: Router, tokens: Tokens) -> None:

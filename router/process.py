@@ -14,6 +14,7 @@ from pathlib import Path
 import requests
 
 from router.config import RouterConfig, load_config
+from serving.server import tail
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def start(config_path: Path, timeout_s: float = 90.0) -> int:
         if process.poll() is not None:
             _children.pop(process.pid, None)
             raise LaunchError(f"the router exited with {process.returncode}; end of {log_file(config)}:\n"
-                              f"{_tail(log_file(config))}")
+                              f"{tail(log_file(config))}")
         try:
             if requests.get(f"{base_url(config)}/readyz", timeout=2).status_code == 200:
                 log.info("router ready (pid %d) on %s", process.pid, base_url(config))
@@ -78,7 +79,7 @@ def start(config_path: Path, timeout_s: float = 90.0) -> int:
         time.sleep(0.3)
     stop(config_path)
     raise LaunchError(f"the router was not ready within {timeout_s:g} s; end of {log_file(config)}:\n"
-                      f"{_tail(log_file(config))}")
+                      f"{tail(log_file(config))}")
 
 
 def stop(config_path: Path, timeout_s: float = 20.0) -> bool:
@@ -122,10 +123,3 @@ def describe(config: RouterConfig) -> str:
         f"  curl -i -H \"Authorization: Bearer $TOKEN\" -H '{config.sticky_header}: alice' "
         f"-H 'Content-Type: image/png' --data-binary @runs/examples/sneaker.png {url}/predictions/{name}",
     ])
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return f"({path} not written)"

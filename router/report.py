@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from router.config import Experiment
+from router.config import Experiment, Target
 from router.stats import percentile, two_proportion_test, wilson_interval
 from router.store import read_experiment
 
@@ -26,7 +26,7 @@ def build_report(database: Path, experiment: Experiment, since: float = 0.0) -> 
         stats = arms[arm]
         stats["requests"] += 1
         stats["errors"] += 0 if ok else 1
-        stats["targets"].add(f"{model}/{version}" if version else model)
+        stats["targets"].add(str(Target(model, version)))
         if ok:
             stats["latencies"].append(latency_ms)
         if retried_from:

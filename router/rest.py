@@ -22,12 +22,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def error_response(error: RouterError) -> web.Response:
-    headers = {}
-    if error.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
-    if error.where is not None:
-        headers.update(zip(("X-Request-Id", "X-Experiment", "X-Arm", "X-Target"), error.where, strict=True))
-    return web.json_response(error.body(), status=error.http_status, headers=headers)
+    return web.json_response(error.body(), status=error.http_status, headers=dict(error.answer_headers()))
 
 
 @web.middleware
@@ -98,11 +93,8 @@ class RestFrontEnd:
             request.match_info["model"], request.match_info.get("version"),
             request.headers.get(self.router.config.sticky_header) or None,
             request.headers.get(self.router.config.override_header) or None, "rest", call)
-        headers = {"Content-Type": routed.reply.content_type, "X-Request-Id": routed.request_id,
-                   "X-Experiment": routed.experiment, "X-Arm": routed.arm, "X-Target": str(routed.target),
+        headers = {"Content-Type": routed.reply.content_type, **dict(routed.answer_headers()),
                    **dict(routed.reply.headers)}
-        if routed.retried_from:
-            headers["X-Retried-From"] = routed.retried_from
         return web.Response(status=routed.reply.status, body=routed.reply.body, headers=headers)
 
     async def ready(self, request: web.Request) -> web.Response:

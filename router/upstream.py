@@ -12,11 +12,9 @@ anything else TorchServe answers (200, a 4xx about the input) is returned as it 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,8 @@ import grpc
 from router.config import Target, Timeouts, TorchServe
 from router.errors import BadRequest, NotFound, RouterError, UpstreamUnavailable
 from serving import protos
+from serving.client import prediction_path
+from serving.server import expires_soon
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +89,9 @@ class KeyFile:
         self._refresh()
         return str(self._keys[kind]["key"])
 
-    def expires_in(self, kind: str) -> float:
+    def expires_soon(self, kind: str, margin_s: float) -> bool:
         self._refresh()
-        expiration = self._keys[kind].get("expiration time")
-        if not expiration:
-            return float("inf")
-        expires = datetime.datetime.fromisoformat(str(expiration).replace("Z", "+00:00"))
-        return expires.timestamp() - time.time()
+        return expires_soon(self._keys[kind].get("expiration time"), margin_s)
 
     def forget(self) -> None:
         self._stamp = None
@@ -138,9 +134,7 @@ class TorchServeClient:
 
     # --- inference ---------------------------------------------------------------------------------------------
     async def predict_rest(self, target: Target, body: bytes, content_type: str, timeout_s: float) -> Reply:
-        url = f"{self.torchserve.inference_url}/predictions/{target.model}"
-        if target.version:
-            url += f"/{target.version}"
+        url = self.torchserve.inference_url + prediction_path(target.model, target.version)
         # The session's timeout is the request timeout; only shadow copies need their own.
         options: dict[str, Any] = {} if timeout_s == self.timeouts.request_s else {
             "timeout": aiohttp.ClientTimeout(total=timeout_s, connect=self.timeouts.connect_s)}
@@ -219,7 +213,7 @@ class TorchServeClient:
     async def renew_keys(self, margin_s: float = 300.0) -> None:
         """Renew the inference and management keys when they expire within `margin_s`."""
         for kind in ("inference", "management"):
-            if self.keys.expires_in(kind) > margin_s:
+            if not self.keys.expires_soon(kind, margin_s):
                 continue
             async with self.session.post(f"{self.torchserve.management_url}/token", params={"type": kind},
                                          headers={"Authorization": self._authorization("API")}) as response:

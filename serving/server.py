@@ -140,7 +140,7 @@ class Instance:
         itself: a key about to expire is renewed here with the API key, which rewrites the key file.
         """
         keys = self._read_keys()
-        if kind != "API" and _expires_soon(keys[kind].get("expiration time")):
+        if kind != "API" and expires_soon(keys[kind].get("expiration time")):
             response = requests.post(f"{self.management_url}/token", params={"type": kind},
                                      headers={"Authorization": f"Bearer {keys['API']['key']}"}, timeout=10)
             if response.status_code != 200:
@@ -159,7 +159,7 @@ class Instance:
         return {"Authorization": f"Bearer {self.token(kind)}"}
 
 
-def _expires_soon(expiration: str | None, margin_s: float = 60.0) -> bool:
+def expires_soon(expiration: str | None, margin_s: float = 60.0) -> bool:
     if not expiration:
         return False
     expires = datetime.datetime.fromisoformat(expiration.replace("Z", "+00:00"))
@@ -246,8 +246,8 @@ def render_config(instance: Instance) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _environment(instance: Instance) -> dict[str, str]:
-    env = dict(os.environ)
+def _environment(instance: Instance, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, **(extra or {})}
     # The pid file (tempfile.gettempdir(): TMPDIR, then TEMP, then TMP), java.io.tmpdir (TEMP) and the
     # worker sockets all go to this instance's own folder. No PYTHONPATH: workers must import the modules
     # packed in their .mar, not whatever the repository holds now.
@@ -273,8 +273,9 @@ def torchserve_binary() -> str:
     return str(candidate) if candidate.exists() else "torchserve"
 
 
-def start(instance: Instance, timeout: float = 300.0) -> None:
-    """Start TorchServe for `instance` (unless it already runs) and wait until every version is ready."""
+def start(instance: Instance, timeout: float = 300.0, env: dict[str, str] | None = None) -> None:
+    """Start TorchServe for `instance` (unless it already runs) and wait until every version is ready. `env` adds
+    to the environment TorchServe and its workers get (e.g. OMP_NUM_THREADS)."""
     instance.run_dir.mkdir(parents=True, exist_ok=True)
     instance.temp_dir.mkdir(exist_ok=True)
     config = instance.run_dir / "config.properties"
@@ -296,10 +297,10 @@ def start(instance: Instance, timeout: float = 300.0) -> None:
     console = instance.run_dir / "logs" / "console.log"
     console.parent.mkdir(parents=True, exist_ok=True)
     with open(console, "ab") as output:
-        result = subprocess.run(command, cwd=instance.run_dir, env=_environment(instance), stdout=output,
+        result = subprocess.run(command, cwd=instance.run_dir, env=_environment(instance, env), stdout=output,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=120)
     if result.returncode != 0:
-        raise ServeError(f"torchserve --start failed ({result.returncode}); see {console}:\n{_tail(console)}")
+        raise ServeError(f"torchserve --start failed ({result.returncode}); see {console}:\n{tail(console)}")
     try:
         wait_until_ready(instance, timeout)
     except ServeError:
@@ -336,7 +337,7 @@ def wait_until_ready(instance: Instance, timeout: float = 300.0) -> None:
     last_error = "no answer yet"
     while time.monotonic() < deadline:
         if running_pid(instance) is None:
-            log_tail = _tail(instance.run_dir / "logs" / "ts_log.log")
+            log_tail = tail(instance.run_dir / "logs" / "ts_log.log")
             raise ServeError(f"TorchServe exited during start-up; last log lines:\n{log_tail}")
         try:
             status = model_status(instance)
@@ -352,7 +353,8 @@ def wait_until_ready(instance: Instance, timeout: float = 300.0) -> None:
     raise ServeError(f"TorchServe not ready after {timeout:.0f} s ({last_error}); see {instance.run_dir / 'logs'}")
 
 
-def _tail(path: Path, lines: int = 30) -> str:
+def tail(path: Path, lines: int = 30) -> str:
+    """The last lines of a log file, for error messages."""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:

@@ -118,7 +118,7 @@ def torchserve(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         models[model_name(variant)] = {"variant": variant, "versions": versions, "default": "1.0"}
     models_file = root / "models.yaml"
     models_file.write_text(yaml.safe_dump({"models": models}))
-    ports = server.Ports(*free_ports(5), initial_worker=free_ports(1)[0])
+    ports = server.Ports(*free_ports(6))
     running = server.Instance(root / "run", store, models_file, ports, model_configs=configs)
     server.start(running, timeout=240)
     try:

@@ -66,6 +66,6 @@ def test_a_missing_archive_is_named(tmp_path: Path) -> None:
 
 def test_keys_close_to_expiry_are_renewed() -> None:
     now = datetime.datetime.now(datetime.UTC)
-    assert server._expires_soon((now + datetime.timedelta(seconds=30)).isoformat().replace("+00:00", "Z"))
-    assert not server._expires_soon((now + datetime.timedelta(minutes=30)).isoformat().replace("+00:00", "Z"))
-    assert not server._expires_soon(None)
+    assert server.expires_soon((now + datetime.timedelta(seconds=30)).isoformat().replace("+00:00", "Z"))
+    assert not server.expires_soon((now + datetime.timedelta(minutes=30)).isoformat().replace("+00:00", "Z"))
+    assert not server.expires_soon(None)

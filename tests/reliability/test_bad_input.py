@@ -9,7 +9,6 @@ Its table goes to the reliability report (`make chaos`: reports/reliability.md);
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 from collections.abc import Iterator
@@ -35,27 +34,15 @@ MODEL = "fashion-distilled"
 TORCHSERVE_MAX_REQUEST_BYTES = 6_553_500  # its default max_request_size (config.properties leaves it as it is)
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def jpeg_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.convert("L").save(buffer, format="JPEG")
-    return buffer.getvalue()
-
-
 def bomb() -> bytes:
     """A small PNG that claims 20,000 × 20,000 pixels (a decompression bomb)."""
-    return png_bytes(Image.new("1", (20_000, 20_000)))
+    return encode_image(Image.new("1", (20_000, 20_000)))
 
 
 def kinds() -> list[tuple[str, bytes, str]]:
     """(kind, body, content type) — at least 30 ways to be wrong."""
     good = Image.new("L", (28, 28), 0)
-    png, jpeg = png_bytes(good), jpeg_bytes(good)
+    png, jpeg = encode_image(good), encode_image(good, "JPEG")
     pixels = [[0] * 28 for _ in range(28)]
 
     def js(value: Any) -> bytes:
@@ -196,7 +183,7 @@ def test_bad_input_fails_alone_with_a_clear_4xx(watched: Stack, good: tuple[byte
 
 @pytest.mark.parametrize("path", ["direct", "router"])
 def test_grpc_with_the_wrong_input_key_is_refused(watched: Stack, path: str) -> None:
-    outcome, message = grpc_call(watched, path, png_bytes(Image.new("L", (28, 28))), key="image_bytes")
+    outcome, message = grpc_call(watched, path, encode_image(Image.new("L", (28, 28))), key="image_bytes")
     assert outcome in ("in-body 400", "INVALID_ARGUMENT") and "'data'" in message
 
 

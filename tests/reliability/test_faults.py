@@ -204,8 +204,9 @@ def test_torchserve_restart_under_load_recovers_with_its_state(stack: Stack, bod
                      f"{recovered:.2f} s after it was ready. Versions, defaults and the router's experiments were "
                      "the same afterwards.")
     assert set(tally) <= {"ok", "503 (explicit)", "504 (explicit)"}, tally
-    assert server.model_status(instance).keys() == before_models.keys()
-    assert {key: value["default"] for key, value in server.model_status(instance).items()} == \
+    after_models = server.model_status(instance)
+    assert after_models.keys() == before_models.keys()
+    assert {key: value["default"] for key, value in after_models.items()} == \
         {key: value["default"] for key, value in before_models.items()}
     assert stack.describe() == before_router
     assert Path(f"/proc/{server.running_pid(instance)}").exists() and children(server.running_pid(instance) or 0)

@@ -21,6 +21,7 @@ import requests
 import yaml
 
 from loadtest.workload import children
+from router import process
 from router.config import load_config
 from serving import protos, server
 from serving.archive import build_archive, model_name
@@ -80,7 +81,8 @@ def test_nothing_listens_beyond_loopback(stack: Stack) -> None:  # noqa: F811 (t
     frontend = server.running_pid(stack.torchserve)
     assert frontend is not None
     workers = children(frontend)
-    router_pid = int((stack.log_file.parent / "router.pid").read_text())
+    router_pid = process.running_pid(load_config(stack.config_path))
+    assert router_pid is not None
     listening = listening_addresses([frontend, *workers, router_pid])
     ports = stack.torchserve.ports
     expected = {ports.inference, ports.management, ports.metrics, ports.grpc_inference, ports.grpc_management,
@@ -217,8 +219,8 @@ def test_model_registration_is_off_and_allowed_urls_and_sha256_guard_it_when_on(
     models = tmp_path / "models.yaml"
     models.write_text(yaml.safe_dump({"models": {model_name("distilled"): {
         "variant": "distilled", "versions": ["1.0"], "default": "1.0"}}}))
-    instance = server.Instance(tmp_path / "run", store, models, server.Ports(*free_ports(5),
-                               initial_worker=free_ports(1)[0]), model_configs=stack.torchserve.model_configs)
+    instance = server.Instance(tmp_path / "run", store, models, server.Ports(*free_ports(6)),
+                               model_configs=stack.torchserve.model_configs)
     server.start(instance, timeout=240)
     try:
         headers = instance.headers("management")
