@@ -16,6 +16,8 @@ from torch import nn
 
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
+# What every script trains on and what `normalize` assumes when not told.
+DEFAULT_DATASET = "fashion-mnist"
 
 # Saved forms of a variant (the card's "format" field).
 FORMAT_STATE_DICT = "state_dict"  # torch.save({"model_args": ..., "state_dict": ...}); needs FashionCNN
@@ -56,7 +58,7 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def normalize(images: torch.Tensor, dataset: str = "fashion-mnist") -> torch.Tensor:
+def normalize(images: torch.Tensor, dataset: str = DEFAULT_DATASET) -> torch.Tensor:
     """uint8 images (N×28×28 or N×1×28×28, white object on black as in the data sets) to the model's input."""
     spec = DATASETS[dataset]
     if images.dim() == 3:
@@ -66,11 +68,15 @@ def normalize(images: torch.Tensor, dataset: str = "fashion-mnist") -> torch.Ten
 
 @dataclass(frozen=True)
 class CNNConfig:
-    """Widths of the CNN; the full model and every smaller variant are instances of the same design."""
+    """The constructor arguments of FashionCNN, saved as a checkpoint's `model_args`: the one place they live.
 
-    conv1: int = 64
-    conv2: int = 128
-    hidden: int = 1000
+    The full model and every smaller variant are instances of the same design; the widths of each named
+    architecture are in ARCHITECTURES, not here.
+    """
+
+    conv1: int
+    conv2: int
+    hidden: int
     num_classes: int = NUM_CLASSES
     dropout: float = 0.0
 
@@ -80,7 +86,7 @@ class CNNConfig:
 
 # Dropout before each fully connected layer is part of the design: the wide fc layer overfits without it, the
 # small student underfits with it.
-FULL_CONFIG = CNNConfig(dropout=0.3)
+FULL_CONFIG = CNNConfig(conv1=64, conv2=128, hidden=1000, dropout=0.3)
 # The distillation student: about 3.5 % of the full model's parameters.
 STUDENT_CONFIG = CNNConfig(conv1=32, conv2=64, hidden=64, dropout=0.0)
 ARCHITECTURES: dict[str, CNNConfig] = {"full": FULL_CONFIG, "student": STUDENT_CONFIG}
@@ -89,16 +95,10 @@ ARCHITECTURES: dict[str, CNNConfig] = {"full": FULL_CONFIG, "student": STUDENT_C
 class FashionCNN(nn.Module):
     """conv(1→c1,3×3,pad 1)-ReLU-pool-conv(c1→c2,3×3,pad 1)-ReLU-pool-fc(c2·7·7→hidden)-ReLU-fc(hidden→10)."""
 
-    def __init__(
-        self,
-        conv1: int = 64,
-        conv2: int = 128,
-        hidden: int = 1000,
-        num_classes: int = NUM_CLASSES,
-        dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, config: CNNConfig) -> None:
         super().__init__()
-        self.config = CNNConfig(conv1, conv2, hidden, num_classes, dropout)
+        self.config = config
+        conv1, conv2, hidden, dropout = config.conv1, config.conv2, config.hidden, config.dropout
         self.features = nn.Sequential(
             nn.Conv2d(1, conv1, kernel_size=3, padding=1),
             nn.ReLU(inplace=True),
@@ -114,14 +114,13 @@ class FashionCNN(nn.Module):
             nn.Linear(conv2 * pooled * pooled, hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
-            nn.Linear(hidden, num_classes),
+            nn.Linear(hidden, config.num_classes),
         )
 
     @classmethod
-    def from_config(cls, config: CNNConfig | dict[str, Any]) -> FashionCNN:
-        if isinstance(config, CNNConfig):
-            config = config.as_dict()
-        return cls(**config)
+    def from_model_args(cls, model_args: dict[str, Any]) -> FashionCNN:
+        """The model a checkpoint's `model_args` (CNNConfig.as_dict()) describe."""
+        return cls(CNNConfig(**model_args))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -140,7 +139,7 @@ def sha256_file(path: str | Path) -> str:
 
 
 def save_state_dict_checkpoint(model: FashionCNN, path: str | Path, dataset: str) -> None:
-    """Weights plus the constructor arguments (as nanoGPT saves `model_args`): loadable with weights_only=True."""
+    """Weights plus the config's fields (as nanoGPT saves `model_args`): loadable with weights_only=True."""
     payload = {
         "model_args": model.config.as_dict(),
         "dataset": dataset,
@@ -157,7 +156,7 @@ def load_model(path: str | Path, model_format: str) -> nn.Module:
     """
     if model_format == FORMAT_STATE_DICT:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        model = FashionCNN.from_config(payload["model_args"])
+        model = FashionCNN.from_model_args(payload["model_args"])
         model.load_state_dict(payload["state_dict"])
         return model.eval()
     if model_format == FORMAT_TORCHSCRIPT:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -11,12 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fashion_cnn import FORMAT_STATE_DICT, load_model, sha256_file
+from fashion_cnn import ARCHITECTURES, FORMAT_STATE_DICT, load_model, sha256_file
 from tests.conftest import REPO, Chain, run_module
-from training.cli import DRY_RUN_TEST_IMAGES
+from training import distill, prune, quantize, train
+from training.cli import DRY_RUN_TEST_IMAGES, apply_recipe
 from training.data import load_split
 from training.prune import kept_count
 from training.quantize import packed_layers
+from training.recipes import RECIPES
 
 VARIANTS = ["full", "pruned", "int8", "distilled", "student_baseline"]
 CARD_FIELDS = {
@@ -104,12 +109,94 @@ def test_int8_file_holds_int8_weights_for_every_conv_and_linear(chain: Chain) ->
     assert "torch.ao.quantization" in card["quantization"]["api"]
 
 
+# What the distilled student and its no-distillation baseline must share for the comparison to mean something.
+SHARED_BUDGET = ("arch", "dropout", "epochs", "lr", "weight_decay", "batch_size", "seed", "bf16", "train_subset",
+                 "augment", "max_shift", "flip", "random_erasing")
+
+
 def test_distilled_student_is_small_and_baseline_shares_its_budget(chain: Chain) -> None:
     distilled, baseline = chain.card("distilled"), chain.card("student_baseline")
     assert distilled["parameters"] <= 0.05 * chain.card("full")["parameters"]
     assert distilled["model_args"] == baseline["model_args"]
     assert baseline["variant"] == "student-baseline" and baseline["parent"] is None
     assert distilled["recipe"]["temperature"] > 0 and 0 <= distilled["recipe"]["alpha"] <= 1
+    assert {key: baseline["recipe"][key] for key in SHARED_BUDGET} == {
+        key: distilled["recipe"][key] for key in SHARED_BUDGET}
+    # The student's recipe reached both scripts (the full model's has no random erasing).
+    erasing = RECIPES["student"].augmentation.erase_probability
+    assert distilled["recipe"]["random_erasing"] == erasing != chain.card("full")["recipe"]["random_erasing"]
+
+
+SCRIPTS = {"training.train": train, "training.prune": prune, "training.quantize": quantize,
+           "training.distill": distill}
+# All `make train` may pass: where the data and the files are, and which model a script trains.
+PLACES = {"--dataset", "--data-dir", "--output", "--parent", "--teacher", "--checkpoints", "--output-dir"}
+MODEL_CHOICE = {"--arch", "--variant"}
+
+
+def make_train_commands(tmp_path: Path) -> dict[str, list[str]]:
+    """The training commands `make train` runs (`make -n`: printed, not run), by the checkpoint each writes."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.endswith("_FLAGS") and key not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL"}}
+    printed = subprocess.run(["make", "-n", "-B", "train", f"CKPT={tmp_path}", f"REPORTS={tmp_path}"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    commands = {}
+    for line in printed.splitlines():
+        words = shlex.split(line)
+        if len(words) > 2 and words[1] == "-m" and words[2] in SCRIPTS:
+            commands[Path(words[words.index("--output") + 1]).stem] = words[2:]
+    return commands
+
+
+def parse(command: list[str]) -> argparse.Namespace:
+    return SCRIPTS[command[0]].get_args_parser().parse_args(command[1:])
+
+
+def test_make_train_passes_no_hyperparameters(tmp_path: Path) -> None:
+    commands = make_train_commands(tmp_path)
+    assert sorted(commands) == sorted(VARIANTS)
+    for name, command in commands.items():
+        flags = {word for word in command if word.startswith("--")}
+        assert flags <= PLACES | MODEL_CHOICE, (name, flags - PLACES - MODEL_CHOICE)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_a_script_run_directly_trains_what_make_train_trains(tmp_path: Path, name: str) -> None:
+    command = make_train_commands(tmp_path)[name]
+    script = command[0]
+    # The same script with no flags beyond the model choice: every setting at its default.
+    arguments = command[1:]
+    direct = [script, *(word for index, word in enumerate(arguments)
+                        if word in MODEL_CHOICE or (index > 0 and arguments[index - 1] in MODEL_CHOICE))]
+    places = {flag.lstrip("-").replace("-", "_") for flag in PLACES}
+    by_make, by_hand = vars(parse(command)), vars(parse(direct))
+    assert {k: v for k, v in by_make.items() if k not in places} == {
+        k: v for k, v in by_hand.items() if k not in places}
+
+
+def test_baseline_and_distilled_student_resolve_to_the_same_budget(tmp_path: Path) -> None:
+    commands = make_train_commands(tmp_path)
+    distilled, baseline = parse(commands["distilled"]), parse(commands["student_baseline"])
+    assert distilled.arch == baseline.arch == "student"
+    for args in (distilled, baseline):
+        apply_recipe(args, RECIPES[args.arch])
+    assert {key: getattr(baseline, key) for key in SHARED_BUDGET} == {
+        key: getattr(distilled, key) for key in SHARED_BUDGET}
+    assert distilled.epochs == RECIPES["student"].epochs != RECIPES["full"].epochs
+
+
+def test_flags_given_win_over_the_recipe_and_unset_ones_take_it() -> None:
+    args = train.get_args_parser().parse_args(["--arch", "student", "--epochs", "3", "--flip",
+                                               "--random-erasing", "0"])
+    apply_recipe(args, RECIPES["student"])
+    recipe = RECIPES["student"]
+    assert (args.epochs, args.flip, args.random_erasing) == (3, True, 0.0)  # given, even where falsy
+    assert (args.lr, args.weight_decay, args.max_shift) == (
+        recipe.lr, recipe.weight_decay, recipe.augmentation.max_shift)
+
+
+def test_every_architecture_has_a_recipe() -> None:
+    assert set(RECIPES) == set(ARCHITECTURES)
 
 
 def test_same_seed_gives_the_same_weights(chain: Chain, tmp_path: Path) -> None:

@@ -77,7 +77,7 @@ def test_augment_shifts_and_flips_within_bounds() -> None:
     seen = set()
     generator = torch.Generator().manual_seed(0)
     for _ in range(200):
-        out = augment(image, generator)
+        out = augment(image, generator, max_shift=2, flip=True)
         assert out.shape == (1, 28, 28) and out.dtype == torch.uint8
         assert int(out.sum()) == 255  # the pixel is moved, never lost or duplicated (it is 3 px from the edge)
         row, col = (out[0] == 255).nonzero()[0].tolist()

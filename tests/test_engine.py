@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fashion_cnn import FashionCNN
+from fashion_cnn import FULL_CONFIG, CNNConfig, FashionCNN
 from training.data import load_split
 from training.engine import DistillationLoss, distillation_loss, evaluate, measure_latency
 
@@ -44,7 +44,7 @@ def test_distillation_loss_is_plain_cross_entropy_at_alpha_zero_and_zero_when_st
 @pytest.mark.parametrize(("temperature", "alpha"), [(0.0, 0.5), (2.0, 1.5), (2.0, -0.1)])
 def test_distillation_loss_rejects_bad_settings(temperature: float, alpha: float) -> None:
     with pytest.raises(ValueError):
-        DistillationLoss(FashionCNN(), temperature, alpha)
+        DistillationLoss(FashionCNN(FULL_CONFIG), temperature, alpha)
 
 
 def test_evaluate_reports_overall_and_per_class_accuracy() -> None:
@@ -72,7 +72,7 @@ def test_evaluate_reports_overall_and_per_class_accuracy() -> None:
 
 def test_latency_has_every_thread_and_batch_cell_and_restores_threads() -> None:
     threads_before = torch.get_num_threads()
-    latency = measure_latency(FashionCNN(4, 8, 16), repeats=3, warmup=1)
+    latency = measure_latency(FashionCNN(CNNConfig(4, 8, 16)), repeats=3, warmup=1)
     assert set(latency) == {"threads_1", "threads_2"}
     assert all(set(row) == {"batch_1", "batch_64"} and all(v > 0 for v in row.values())
                for row in latency.values())

@@ -3,14 +3,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fashion_cnn import FashionCNN, count_parameters
+from fashion_cnn import FULL_CONFIG, CNNConfig, FashionCNN, count_parameters
 from training.prune import kept_count, prune_cnn, select_kept
 
 
 def masked_original(model: FashionCNN, conv_keep: float, fc_keep: float) -> FashionCNN:
     """The unpruned model with every removed filter/unit zeroed: what a mask-based pruning computes."""
     kept = select_kept(model, conv_keep, fc_keep)
-    masked = FashionCNN.from_config(model.config)
+    masked = FashionCNN(model.config)
     masked.load_state_dict(model.state_dict())
     with torch.no_grad():
         for layer, keep in ((masked.features[0], kept.conv1), (masked.features[3], kept.conv2),
@@ -25,7 +25,7 @@ def masked_original(model: FashionCNN, conv_keep: float, fc_keep: float) -> Fash
 @pytest.mark.parametrize(("conv_keep", "fc_keep"), [(0.5, 0.5), (0.3, 0.2)])
 def test_pruned_model_computes_what_the_masked_original_computes(conv_keep: float, fc_keep: float) -> None:
     torch.manual_seed(0)
-    model = FashionCNN().eval()
+    model = FashionCNN(FULL_CONFIG).eval()
     pruned = prune_cnn(model, conv_keep, fc_keep).eval()
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
@@ -35,16 +35,17 @@ def test_pruned_model_computes_what_the_masked_original_computes(conv_keep: floa
 
 
 def test_pruning_physically_removes_channels_and_units() -> None:
-    model = FashionCNN()
+    model = FashionCNN(FULL_CONFIG)
     pruned = prune_cnn(model, conv_keep=0.5, fc_keep=0.5)
     assert (pruned.config.conv1, pruned.config.conv2, pruned.config.hidden) == (32, 64, 496)  # 500 → multiple of 8
+    assert (pruned.config.num_classes, pruned.config.dropout) == (FULL_CONFIG.num_classes, FULL_CONFIG.dropout)
     assert pruned.classifier[2].weight.shape == (496, 64 * 7 * 7)
     assert count_parameters(pruned) < 0.3 * count_parameters(model)
 
 
 def test_keeping_everything_changes_nothing() -> None:
     torch.manual_seed(1)
-    model = FashionCNN(8, 16, 32).eval()
+    model = FashionCNN(CNNConfig(8, 16, 32)).eval()
     same = prune_cnn(model, 1.0, 1.0).eval()
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
@@ -52,7 +53,7 @@ def test_keeping_everything_changes_nothing() -> None:
 
 
 def test_the_strongest_filters_are_kept() -> None:
-    model = FashionCNN(4, 4, 4)
+    model = FashionCNN(CNNConfig(4, 4, 4))
     with torch.no_grad():
         model.features[0].weight.copy_(torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 3, 3))
     pruned = prune_cnn(model, conv_keep=0.5, fc_keep=1.0)
@@ -68,4 +69,4 @@ def test_kept_counts_are_multiples_of_eight_where_the_layer_allows() -> None:
 @pytest.mark.parametrize("ratio", [0.0, 1.5])
 def test_keep_ratio_out_of_range_is_refused(ratio: float) -> None:
     with pytest.raises(ValueError, match="keep ratio"):
-        prune_cnn(FashionCNN(4, 4, 4), ratio, 0.5)
+        prune_cnn(FashionCNN(CNNConfig(4, 4, 4)), ratio, 0.5)

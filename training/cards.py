@@ -54,7 +54,7 @@ def write_card(
     model_args: dict[str, Any],
     history: list[dict[str, float]] | None = None,
     extra: dict[str, Any] | None = None,
-    latency_repeats: int = 50,
+    latency_repeats: int,
 ) -> dict[str, Any]:
     """Reload the saved file the way a server would, measure it, and write its card beside it.
 

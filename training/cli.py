@@ -14,6 +14,7 @@ import torch
 from fashion_cnn import (
     ARCHITECTURES,
     DATASETS,
+    DEFAULT_DATASET,
     FORMAT_STATE_DICT,
     FashionCNN,
     count_parameters,
@@ -22,38 +23,84 @@ from fashion_cnn import (
 )
 from training.cards import write_card
 from training.data import Augmentation, DatasetNotFoundError, Split, load_split
-from training.engine import Criterion, fit, set_seed
+from training.engine import LATENCY_REPEATS, Criterion, fit, set_seed
+from training.recipes import Recipe
 
 DRY_RUN_TRAIN_IMAGES = 512
 DRY_RUN_TEST_IMAGES = 500
+CHECKPOINT_DIR = Path("checkpoints")
+# The parent of the pruned, int8 and distilled variants.
+FULL_CHECKPOINT = CHECKPOINT_DIR / "full.pt"
 
 
 def add_common_args(parser: argparse.ArgumentParser, output: str) -> None:
-    parser.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
+    """Data, output (`output` is the file name under checkpoints/), seed, batch size, precision, dry run."""
+    parser.add_argument("--dataset", default=DEFAULT_DATASET, choices=sorted(DATASETS))
     parser.add_argument("--data-dir", default=None, help="directory with the IDX files (default: the system's)")
-    parser.add_argument("--output", type=Path, default=Path(output), help="checkpoint path (card written beside)")
+    parser.add_argument("--output", type=Path, default=CHECKPOINT_DIR / output,
+                        help="checkpoint path (card written beside)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                         help="train under bfloat16 autocast (weights stay fp32)")
     parser.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
-    parser.add_argument("--latency-repeats", type=int, default=50)
+    parser.add_argument("--latency-repeats", type=int, default=LATENCY_REPEATS)
     parser.add_argument("--dry-run", action="store_true",
                         help=f"one quick pass on {DRY_RUN_TRAIN_IMAGES} training / {DRY_RUN_TEST_IMAGES} test images")
 
 
-def add_training_args(parser: argparse.ArgumentParser, epochs: int, lr: float, epochs_flag: str = "--epochs") -> None:
-    parser.add_argument(epochs_flag, dest="epochs", type=int, default=epochs)
-    parser.add_argument("--lr", type=float, default=lr, help="peak learning rate of the one-cycle schedule")
-    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW's decoupled weight decay")
+def add_parent_arg(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    parser.add_argument(flag, type=Path, default=FULL_CHECKPOINT, help=help)
+
+
+def recipe_values(recipe: Recipe) -> dict[str, object]:
+    """A recipe as the values of the optimisation flags, by argparse destination."""
+    augmentation = recipe.augmentation
+    return {
+        "epochs": recipe.epochs,
+        "lr": recipe.lr,
+        "weight_decay": recipe.weight_decay,
+        "max_shift": augmentation.max_shift,
+        "flip": augmentation.flip,
+        "random_erasing": augmentation.erase_probability,
+    }
+
+
+def add_training_args(
+    parser: argparse.ArgumentParser, recipes: Mapping[str, Recipe], epochs_flag: str = "--epochs"
+) -> None:
+    """The optimisation flags. They default to None here; `prepare_run` fills the unset ones from the run's recipe,
+    so no value is written twice. `recipes` (the ones this script may use, by name) only feed the help text."""
+    values = {name: recipe_values(recipe) for name, recipe in recipes.items()}
+
+    def default(dest: str) -> str:
+        per_recipe = {name: value[dest] for name, value in values.items()}
+        if len(set(per_recipe.values())) == 1:
+            return f"default: {next(iter(per_recipe.values()))}"
+        return "default: " + ", ".join(f"{value} for {name}" for name, value in per_recipe.items())
+
+    parser.add_argument(epochs_flag, dest="epochs", type=int, default=None, help=default("epochs"))
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"peak learning rate of the one-cycle schedule ({default('lr')})")
+    parser.add_argument("--weight-decay", type=float, default=None,
+                        help=f"AdamW's decoupled weight decay ({default('weight_decay')})")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="augment training batches (random shifts, flips and erasing as set below)")
-    parser.add_argument("--max-shift", type=int, default=2, help="largest random translation, in pixels")
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False,
-                        help="random horizontal flips (off by default: Fashion-MNIST's shoes all face one way)")
-    parser.add_argument("--random-erasing", type=float, default=0.0,
-                        help="probability of blanking a random rectangle of each training image")
+    parser.add_argument("--max-shift", type=int, default=None,
+                        help=f"largest random translation, in pixels ({default('max_shift')})")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"random horizontal flips ({default('flip')})")
+    parser.add_argument("--random-erasing", type=float, default=None,
+                        help=f"probability of blanking a random rectangle of each training image "
+                        f"({default('random_erasing')})")
+
+
+def apply_recipe(args: argparse.Namespace, recipe: Recipe) -> None:
+    """Give every optimisation flag left unset on the command line its value from `recipe`."""
+    for dest, value in recipe_values(recipe).items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
 
 
 def add_model_args(parser: argparse.ArgumentParser, arch: str) -> None:
@@ -64,7 +111,7 @@ def add_model_args(parser: argparse.ArgumentParser, arch: str) -> None:
 
 def model_from_args(args: argparse.Namespace) -> FashionCNN:
     config = ARCHITECTURES[args.arch]
-    return FashionCNN.from_config(config if args.dropout is None else replace(config, dropout=args.dropout))
+    return FashionCNN(config if args.dropout is None else replace(config, dropout=args.dropout))
 
 
 @dataclass(frozen=True)
@@ -74,9 +121,11 @@ class Run:
     generator: torch.Generator
 
 
-def prepare_run(args: argparse.Namespace) -> Run:
-    """Logging, seeds, dry-run shrinking and the data, in one place."""
+def prepare_run(args: argparse.Namespace, recipe: Recipe | None = None) -> Run:
+    """Logging, the recipe's values for unset flags (scripts that train), seeds, dry-run shrinking and the data."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if recipe is not None:
+        apply_recipe(args, recipe)
     if args.dry_run:
         args.train_subset = min(args.train_subset or DRY_RUN_TRAIN_IMAGES, DRY_RUN_TRAIN_IMAGES)
         args.test_subset = min(args.test_subset or DRY_RUN_TEST_IMAGES, DRY_RUN_TEST_IMAGES)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from fashion_cnn import DATASETS, IMAGE_SIZE
+from fashion_cnn import DATASETS, DEFAULT_DATASET, IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ DEFAULT_DATA_DIRS: dict[str, Path | None] = {
     "fashion-mnist": Path("/usr/share/datasets/fashion-mnist"),
     "mnist": None,
 }
+# Where --download puts a data set when --data-dir is not given (the Makefile's DATA_DIR passes the same folder).
+DOWNLOAD_DIR = Path("data")
 TORCHVISION_FOLDERS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
 SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 IDX_IMAGES_MAGIC = 2051
@@ -115,9 +117,7 @@ def download(dataset: str, data_dir: str | Path) -> None:
         cls(str(data_dir), train=train, download=True)
 
 
-def load_split(
-    dataset: str = "fashion-mnist", split: str = "train", data_dir: str | Path | None = None
-) -> Split:
+def load_split(dataset: str, split: str, data_dir: str | Path | None = None) -> Split:
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
     prefix = SPLIT_PREFIX[split]
@@ -137,20 +137,24 @@ def load_split(
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Per-batch training augmentation: shifts up to `max_shift` px, horizontal flips, random erasing."""
+    """Per-batch training augmentation: shifts up to `max_shift` px, horizontal flips, random erasing.
+
+    The one home of the augmentation defaults; each recipe (training/recipes.py) starts from them.
+    """
 
     max_shift: int = 2
+    # Off: Fashion-MNIST's shoes all face one way, and flips cost the full model accuracy (docs/training.md).
     flip: bool = False
     erase_probability: float = 0.0
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        images = augment(images, generator, self.max_shift, self.flip)
+        images = augment(images, generator, max_shift=self.max_shift, flip=self.flip)
         if self.erase_probability > 0:
             images = random_erase(images, generator, self.erase_probability)
         return images
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2, flip: bool = True) -> torch.Tensor:
+def augment(images: torch.Tensor, generator: torch.Generator, *, max_shift: int, flip: bool) -> torch.Tensor:
     """Random translation by up to `max_shift` pixels (zero fill) and, optionally, horizontal flip, per image.
 
     Both keep a garment a garment of the same class; vertical flips and rotations would not.
@@ -211,16 +215,17 @@ def iterate_batches(
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Check (or download) a data set", add_help=add_help)
-    parser.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
-    parser.add_argument("--data-dir", default=None, help="directory with the IDX files (or torchvision's root)")
+    parser.add_argument("--dataset", default=DEFAULT_DATASET, choices=sorted(DATASETS))
+    parser.add_argument("--data-dir", default=None,
+                        help=f"directory with the IDX files (or torchvision's root; --download: {DOWNLOAD_DIR})")
     parser.add_argument("--download", action="store_true", help="download with torchvision into --data-dir")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     if args.download:
-        download(args.dataset, args.data_dir or "data")
-        args.data_dir = args.data_dir or "data"
+        args.data_dir = args.data_dir or DOWNLOAD_DIR
+        download(args.dataset, args.data_dir)
     try:
         splits = [load_split(args.dataset, name, args.data_dir) for name in ("train", "test")]
     except DatasetNotFoundError as error:

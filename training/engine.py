@@ -19,12 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from fashion_cnn import DATASETS, normalize
+from fashion_cnn import DATASETS, IMAGE_SIZE, normalize
 from training.data import Augmentation, Split, iterate_batches
 
 log = logging.getLogger(__name__)
 
 Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Images per forward pass when evaluating: large batches, as nothing is kept for backward.
+EVAL_BATCH_SIZE = 500
+# Timed forward passes per cell of the latency table (after warm-up).
+LATENCY_REPEATS = 50
 
 
 def set_seed(seed: int) -> torch.Generator:
@@ -35,7 +40,7 @@ def set_seed(seed: int) -> torch.Generator:
 
 
 class CrossEntropy:
-    def __init__(self, label_smoothing: float = 0.0) -> None:
+    def __init__(self, label_smoothing: float) -> None:
         self.label_smoothing = label_smoothing
 
     def __call__(self, logits: torch.Tensor, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -94,9 +99,9 @@ def train_one_epoch(
     batch_size: int,
     generator: torch.Generator,
     epoch: int,
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    augmentation: Augmentation | None = None,
-    bf16: bool = False,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    augmentation: Augmentation | None,
+    bf16: bool,
 ) -> float:
     """One pass over `split` in shuffled batches; returns the mean training loss."""
     model.train()
@@ -129,13 +134,13 @@ class Evaluation:
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, split: Split, batch_size: int = 500) -> torch.Tensor:
+def predict_logits(model: nn.Module, split: Split, batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
     model.eval()
     outputs = [model(normalize(images, split.dataset)) for images, _ in iterate_batches(split, batch_size)]
     return torch.cat(outputs).float()
 
 
-def evaluate(model: nn.Module, split: Split, batch_size: int = 500) -> Evaluation:
+def evaluate(model: nn.Module, split: Split, batch_size: int = EVAL_BATCH_SIZE) -> Evaluation:
     logits = predict_logits(model, split, batch_size)
     labels = split.labels
     predictions = logits.argmax(dim=1)
@@ -176,8 +181,8 @@ def fit(
     lr: float,
     weight_decay: float,
     generator: torch.Generator,
-    augmentation: Augmentation | None = None,
-    bf16: bool = False,
+    augmentation: Augmentation | None,
+    bf16: bool,
 ) -> list[dict[str, float]]:
     """Train for `epochs` and return a per-epoch history (loss, test accuracy, seconds)."""
     steps = (len(train_split) + batch_size - 1) // batch_size
@@ -200,7 +205,7 @@ def measure_latency(
     model: nn.Module,
     batch_sizes: Iterable[int] = (1, 64),
     threads: Iterable[int] = (1, 2),
-    repeats: int = 50,
+    repeats: int = LATENCY_REPEATS,
     warmup: int = 10,
 ) -> dict[str, dict[str, float]]:
     """Median wall-clock milliseconds per forward pass, by thread count and batch size.
@@ -215,7 +220,7 @@ def measure_latency(
             torch.set_num_threads(thread_count)
             row = {}
             for batch in batch_sizes:
-                x = torch.randn(batch, 1, 28, 28)
+                x = torch.randn(batch, 1, IMAGE_SIZE, IMAGE_SIZE)
                 with torch.inference_mode():
                     for _ in range(warmup):
                         model(x)

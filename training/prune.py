@@ -15,15 +15,23 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from fashion_cnn import IMAGE_SIZE, FashionCNN, count_parameters
-from training.cli import add_common_args, add_training_args, fit_and_save, load_parent, prepare_run, run_script
+from training.cli import (
+    add_common_args,
+    add_parent_arg,
+    add_training_args,
+    fit_and_save,
+    load_parent,
+    prepare_run,
+    run_script,
+)
 from training.engine import Criterion, CrossEntropy, DistillationLoss, evaluate
+from training.recipes import FINETUNE_RECIPE
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +101,7 @@ def prune_cnn(model: FashionCNN, conv_keep: float, fc_keep: float) -> FashionCNN
     """A new FashionCNN holding the strongest `conv_keep` of each conv's filters and `fc_keep` of fc units."""
     kept = select_kept(model, conv_keep, fc_keep)
     conv1, conv2, fc1, fc2 = _layers(model)
-    config = model.config
-    pruned = FashionCNN(len(kept.conv1), len(kept.conv2), len(kept.hidden), config.num_classes, config.dropout)
+    pruned = FashionCNN(replace(model.config, conv1=len(kept.conv1), conv2=len(kept.conv2), hidden=len(kept.hidden)))
     new_conv1, new_conv2, new_fc1, new_fc2 = _layers(pruned)
     new_conv1.weight.copy_(conv1.weight[kept.conv1])
     _bias(new_conv1).copy_(_bias(conv1)[kept.conv1])
@@ -109,9 +116,9 @@ def prune_cnn(model: FashionCNN, conv_keep: float, fc_keep: float) -> FashionCNN
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Structured pruning + fine-tuning", add_help=add_help)
-    add_common_args(parser, output="checkpoints/pruned.pt")
-    add_training_args(parser, epochs=8, lr=2e-3, epochs_flag="--finetune-epochs")
-    parser.add_argument("--parent", type=Path, default=Path("checkpoints/full.pt"))
+    add_common_args(parser, output="pruned.pt")
+    add_training_args(parser, {"fine-tuning": FINETUNE_RECIPE}, epochs_flag="--finetune-epochs")
+    add_parent_arg(parser, "--parent", help="the trained full model to prune")
     parser.add_argument("--conv-keep", type=float, default=0.75, help="fraction of each conv's filters kept")
     parser.add_argument("--fc-keep", type=float, default=0.32, help="fraction of the hidden fc units kept")
     parser.add_argument("--kd-alpha", type=float, default=0.8,
@@ -121,14 +128,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    run = prepare_run(args)
+    run = prepare_run(args, FINETUNE_RECIPE)
     parent = load_parent(args.parent)
     pruned = prune_cnn(parent, args.conv_keep, args.fc_keep)
     before_finetune = evaluate(pruned, run.test).accuracy
     log.info("pruned %d -> %d parameters; accuracy before fine-tuning %.4f",
              count_parameters(parent), count_parameters(pruned), before_finetune)
     criterion: Criterion = (
-        DistillationLoss(parent, args.temperature, args.kd_alpha) if args.kd_alpha > 0 else CrossEntropy()
+        DistillationLoss(parent, args.temperature, args.kd_alpha) if args.kd_alpha > 0 else CrossEntropy(0.0)
     )
     extra = {
         "parent_parameters": count_parameters(parent),

@@ -1,7 +1,7 @@
 """Static int8 post-training quantization (x86 backend), saved as TorchScript.
 
 API: `torch.ao.quantization.quantize_fx` (`prepare_fx` → calibrate → `convert_fx`), then `torch.jit.trace`
-and `torch.jit.freeze`. Why this one, measured on torch 2.14.1 (see README):
+and `torch.jit.freeze`. Why this one, measured on torch 2.14.1 (see docs/training.md):
   * It quantizes both convolutions and both linear layers (weights per-channel int8, activations uint8)
     with the 'x86' qconfig (fbgemm/onednn kernels), and is ~5x faster than fp32 at batch 64 on one thread.
   * TorchScript is a saved form a fresh process (the TorchServe worker) loads with `torch.jit.load`,
@@ -31,7 +31,7 @@ from torch import nn
 
 from fashion_cnn import FORMAT_TORCHSCRIPT, IMAGE_SIZE, load_model, normalize
 from training.cards import write_card
-from training.cli import add_common_args, load_parent, prepare_run, run_script
+from training.cli import add_common_args, add_parent_arg, load_parent, prepare_run, run_script
 from training.data import Split, iterate_batches
 from training.engine import evaluate
 
@@ -89,8 +89,8 @@ def packed_layers(scripted: nn.Module) -> list[tuple[str, torch.Tensor, torch.Te
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Static int8 post-training quantization", add_help=add_help)
-    add_common_args(parser, output="checkpoints/int8.pt")
-    parser.add_argument("--parent", type=Path, default=Path("checkpoints/full.pt"))
+    add_common_args(parser, output="int8.pt")
+    add_parent_arg(parser, "--parent", help="the trained full model to quantize")
     parser.add_argument("--calibration-batches", type=int, default=32,
                         help="training batches (of --batch-size images) observed to set activation ranges")
     return parser

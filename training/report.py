@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from training.cards import CARD_SUFFIX
+from training.cli import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def plot(cards: list[dict[str, Any]], path: Path) -> None:
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Report on the variants' model cards", add_help=add_help)
-    parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
+    parser.add_argument("--checkpoints", type=Path, default=CHECKPOINT_DIR)
     parser.add_argument("--output-dir", type=Path, default=Path("reports"))
     return parser
 
