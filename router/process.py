@@ -1,12 +1,10 @@
 """Start the router in the background and stop it again, by its own pid file (what `make serve` and
-`make stop` use; tests use it too, so they exercise the same path)."""
+`make stop` use; tests use it too, so they exercise the same path). The pid-file mechanics are shared with
+TorchServe's (`serving.pidfile`)."""
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,14 +12,9 @@ from pathlib import Path
 import requests
 
 from router.config import RouterConfig, load_config
-from serving.server import tail
+from serving.pidfile import PidFile, tail
 
 log = logging.getLogger(__name__)
-
-
-# Routers this process started: kept so the Popen objects are not collected while the child runs, and so
-# `stop` can reap them.
-_children: dict[int, subprocess.Popen[bytes]] = {}
 
 
 class LaunchError(RuntimeError):
@@ -40,14 +33,18 @@ def base_url(config: RouterConfig) -> str:
     return f"http://{config.listen.host}:{config.listen.rest_port}"
 
 
+def _is_router(cmdline: list[str]) -> bool:
+    """`python -m router --config <file> serve`, as `start` runs it."""
+    return "router" in cmdline and "serve" in cmdline
+
+
+def _pid_file(config: RouterConfig) -> PidFile:
+    return PidFile(pid_file(config), _is_router, name="the router")
+
+
 def running_pid(config: RouterConfig) -> int | None:
     """The pid in the pid file if that process is alive and is this router, else None."""
-    try:
-        pid = int(pid_file(config).read_text().strip())
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (FileNotFoundError, ValueError):
-        return None
-    return pid if b"router" in command and b"serve" in command else None
+    return _pid_file(config).pid()
 
 
 def start(config_path: Path, timeout_s: float = 90.0) -> int:
@@ -57,17 +54,11 @@ def start(config_path: Path, timeout_s: float = 90.0) -> int:
     if pid is not None:
         log.info("router already running (pid %d)", pid)
         return pid
-    config.state_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_file(config), "ab") as output:
-        process = subprocess.Popen([sys.executable, "-m", "router", "--config", str(config_path), "serve"],
-                                   stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
-    _children[process.pid] = process
-    pid_file(config).write_text(f"{process.pid}\n")
+    process = _pid_file(config).launch([sys.executable, "-m", "router", "--config", str(config_path), "serve"],
+                                       log_file(config))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            _children.pop(process.pid, None)
             raise LaunchError(f"the router exited with {process.returncode}; end of {log_file(config)}:\n"
                               f"{tail(log_file(config))}")
         try:
@@ -85,21 +76,9 @@ def start(config_path: Path, timeout_s: float = 90.0) -> int:
 def stop(config_path: Path, timeout_s: float = 20.0) -> bool:
     """SIGTERM the router this state directory started (SIGKILL if it hangs); True if one was running."""
     config = load_config(config_path)
-    pid = running_pid(config)
-    if pid is None:
+    if _pid_file(config).stop(timeout_s=timeout_s) is None:
         log.info("no router running from %s", config.state_dir)
         return False
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and running_pid(config) == pid:
-        time.sleep(0.1)
-    if running_pid(config) == pid:
-        os.kill(pid, signal.SIGKILL)
-    child = _children.pop(pid, None)
-    if child is not None:
-        child.wait(timeout=timeout_s)
-    pid_file(config).unlink(missing_ok=True)
-    log.info("stopped the router (pid %d)", pid)
     return True
 
 

@@ -15,12 +15,43 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
-import grpc
-import requests
+from urllib3 import encode_multipart_formdata
 
-from serving import client, server
-from serving.archive import REPO
+from serving import server
+from serving.client import Client, Reply, Target, TorchServeError
+from serving.project import MODEL_STORE
+
+IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp",
+                  ".gif": "image/gif", ".tif": "image/tiff", ".tiff": "image/tiff", ".webp": "image/webp"}
+
+
+def content_type_of(path: Path) -> str:
+    if path.suffix.lower() == ".json":
+        return "application/json"
+    return IMAGE_SUFFIXES.get(path.suffix.lower(), "application/octet-stream")
+
+
+def rest_body(body: bytes, content_type: str, topk: int | None) -> tuple[bytes, str]:
+    """The REST body for one input file: with `topk`, JSON gets a "topk" field and an image goes as a multipart
+    form (fields "data" and "topk"), since TorchServe passes no query parameters to /predictions."""
+    if topk is None:
+        return body, content_type
+    if content_type == "application/json":
+        return json.dumps({**json.loads(body), "topk": topk}).encode(), content_type
+    return encode_multipart_formdata({"data": ("image", body, content_type), "topk": str(topk)})
+
+
+def grpc_inputs(body: bytes, topk: int | None) -> dict[str, bytes]:
+    return {"data": body} if topk is None else {"data": body, "topk": str(topk).encode()}
+
+
+def predict(client: Client, target: Target, path: Path, use_grpc: bool, topk: int | None) -> Reply:
+    body = path.read_bytes()
+    if use_grpc:
+        return client.predict_grpc(target, grpc_inputs(body, topk))
+    return client.predict_rest(target, *rest_body(body, content_type_of(path), topk))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -30,16 +61,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("start", help="start TorchServe and wait until every model is ready")
     start.add_argument("--models", type=Path, default=server.DEFAULT_MODELS_FILE)
-    start.add_argument("--model-store", type=Path, default=REPO / "model_store")
+    start.add_argument("--model-store", type=Path, default=MODEL_STORE)
     start.add_argument("--timeout", type=float, default=300.0)
     commands.add_parser("stop", help="stop the TorchServe this run directory started")
     commands.add_parser("status", help="models, versions and ready workers")
-    predict = commands.add_parser("predict", help="send an image (or a JSON file) and print the answer")
-    predict.add_argument("input", type=Path)
-    predict.add_argument("--model", default="fashion-full")
-    predict.add_argument("--version", default=None)
-    predict.add_argument("--grpc", action="store_true", help="use gRPC instead of REST")
-    predict.add_argument("--topk", type=int, default=None)
+    predict_command = commands.add_parser("predict", help="send an image (or a JSON file) and print the answer")
+    predict_command.add_argument("input", type=Path)
+    predict_command.add_argument("--model", default="fashion-full")
+    predict_command.add_argument("--version", default=None)
+    predict_command.add_argument("--grpc", action="store_true", help="use gRPC instead of REST")
+    predict_command.add_argument("--topk", type=int, default=None)
     default = commands.add_parser("set-default", help="switch a model's default version (live and declared)")
     default.add_argument("model")
     default.add_argument("version")
@@ -70,19 +101,16 @@ def main(args: argparse.Namespace) -> int:
             log.info("%s now answers with version %s (declared in %s)", args.model, args.version,
                      instance.models_file)
         elif args.command == "predict":
-            body = args.input.read_bytes()
-            if args.grpc:
-                answer = client.predict_grpc(instance, args.model, body, args.version, args.topk)
-            else:
-                content_type = client.content_type_of(args.input)
-                status_code, answer = client.predict_rest(instance, args.model, body, content_type, args.version,
-                                                          topk=args.topk)
-                if status_code != 200:
-                    print(json.dumps(answer, indent=2))
-                    return 1
+            with Client(instance) as client:
+                reply = predict(client, Target(args.model, args.version), args.input, args.grpc, args.topk)
+            try:
+                answer: Any = reply.json()
+            except ValueError:
+                answer = reply.body.decode("utf-8", "replace")
             print(json.dumps(answer, indent=2))
-            return 1 if isinstance(answer, dict) and "error" in answer else 0
-    except (server.ServeError, requests.RequestException, grpc.RpcError, OSError) as error:
+            # gRPC carries handler errors in the body (TorchServe ignores per-request codes there)
+            return 1 if reply.status != 200 or (isinstance(answer, dict) and "error" in answer) else 0
+    except (server.ServeError, TorchServeError, OSError) as error:
         log.error("%s", error)
         return 1
     return 0

@@ -5,10 +5,10 @@ Naming scheme: one TorchServe model per variant (`fashion-full`, `fashion-pruned
 `model_store/<model>-v<version>.mar`, so several versions of one model sit side by side; TorchServe reads
 name and version from the archive's manifest, not from the file name.
 
-Each archive holds: the handler and its `request_decoding.py`, `fashion_cnn.py` (the shared definitions),
-the weights, the model card as `card.json` (the handler checks the weights' sha256 against it),
-`index_to_name.json`, and `model-config.yaml` (workers, batch size, max batch delay, response timeout,
-threads per worker).
+Each archive holds: the handler and the modules it imports (HANDLER_MODULES), `fashion_cnn.py` (the shared
+definitions), the weights, the model card as `card.json` (the handler checks the weights' sha256 against it),
+`index_to_name.json` (TorchServe's label mapping: the handler's class names come from it), and
+`model-config.yaml` (workers, batch size, max batch delay, response timeout, threads per worker).
 
 Usage:
     python -m serving.archive --version 1.0                    # every variant in checkpoints/
@@ -28,23 +28,23 @@ from pathlib import Path
 
 from fashion_cnn import DATASETS
 
+# Where these live, and what models and archives are called, is shared with every stage (and re-exported here
+# for the callers that build archives).
+from serving.project import MODEL_CONFIGS, MODEL_PREFIX, MODEL_STORE, REPO, VARIANTS, mar_file_name, model_name
+
+__all__ = ["MODEL_CONFIGS", "MODEL_PREFIX", "REPO", "VARIANTS", "build_archive", "mar_file_name", "model_name"]
+
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
 HANDLER = REPO / "handlers" / "fashion_handler.py"
-HANDLER_MODULES = [REPO / "handlers" / "request_decoding.py"]
+HANDLER_MODULES = [REPO / "handlers" / f"{module}.py"
+                   for module in ("request_decoding", "image_decoding", "open_inference", "invalid_input")]
 SHARED_MODULE = REPO / "fashion_cnn.py"
-MODEL_CONFIGS = REPO / "handlers" / "model_configs"
-VARIANTS = ("full", "pruned", "int8", "distilled")
-MODEL_PREFIX = "fashion-"
 
 
-def model_name(variant: str) -> str:
-    return MODEL_PREFIX + variant
-
-
-def mar_file_name(model: str, version: str) -> str:
-    return f"{model}-v{version}.mar"
+def label_mapping(dataset: str) -> dict[str, str]:
+    """index_to_name.json: class index (as a string, TorchServe's convention) to class name."""
+    return {str(index): name for index, name in enumerate(DATASETS[dataset].classes)}
 
 
 def build_archive(
@@ -67,7 +67,7 @@ def build_archive(
     with tempfile.TemporaryDirectory() as staging_dir:
         staging = Path(staging_dir)
         shutil.copy(card, staging / "card.json")
-        (staging / "index_to_name.json").write_text(json.dumps(dict(enumerate(DATASETS[dataset].classes))))
+        (staging / "index_to_name.json").write_text(json.dumps(label_mapping(dataset)))
         extra_files = [staging / "card.json", staging / "index_to_name.json", SHARED_MODULE, *HANDLER_MODULES]
         command = [
             sys.executable, "-m", "model_archiver.model_packaging",
@@ -92,7 +92,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--version", required=True, help="release version of the archives, e.g. 1.0")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--checkpoints", type=Path, default=REPO / "checkpoints")
-    parser.add_argument("--model-store", type=Path, default=REPO / "model_store")
+    parser.add_argument("--model-store", type=Path, default=MODEL_STORE)
     return parser
 
 

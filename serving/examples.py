@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from fashion_cnn import DATASETS
-from serving.archive import REPO
+from serving.project import REPO
 from training.data import load_split
 
 log = logging.getLogger(__name__)

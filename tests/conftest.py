@@ -17,7 +17,8 @@ import torch
 import yaml
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from serving.project import REPO
+
 # Handler modules are imported by their bare names, as TorchServe imports them from an unpacked .mar.
 sys.path.insert(0, str(REPO / "handlers"))
 
@@ -101,7 +102,7 @@ def torchserve(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     model also at 2.0, on free loopback ports in its own run directory."""
     from serving import server
     from serving.archive import VARIANTS, build_archive, model_name
-    from serving.server import free_ports
+    from serving.instance import free_ports
 
     root = tmp_path_factory.mktemp("serve")
     configs = root / "model_configs"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -13,52 +14,74 @@ import grpc
 import pytest
 import requests
 
-from serving import client, protos, server
-from serving.archive import VARIANTS, model_name
+from serving import protos, server
+from serving.client import Client, Target
+from serving.project import VARIANTS, model_name
+from serving.ts_config import allowed_urls, read_properties
 from tests.conftest import Chain, encode_image, in_process_labels
 
 pytestmark = pytest.mark.serving
+
 
 @pytest.fixture(scope="module")
 def instance(torchserve: server.Instance) -> server.Instance:
     return torchserve
 
 
+@pytest.fixture(scope="module")
+def client(instance: server.Instance) -> Iterator[Client]:
+    """One client for the module: its connections and key file outlive a TorchServe restart (new keys)."""
+    with Client(instance) as shared:
+        yield shared
+
+
+def rest(client: Client, model: str, body: bytes, content_type: str, version: str | None = None) -> tuple[int, Any]:
+    reply = client.predict_rest(Target(model, version), body, content_type)
+    return reply.status, reply.json()
+
+
+def over_grpc(client: Client, model: str, body: bytes, version: str | None = None) -> Any:
+    return client.predict_grpc(Target(model, version), {"data": body}).json()
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_variant_answers_rest_and_grpc_like_the_in_process_model(
-    instance: server.Instance, chain: Chain, test_images: Any, variant: str
+    client: Client, chain: Chain, test_images: Any, variant: str
 ) -> None:
     images, _ = test_images
     expected = in_process_labels(chain, variant, images[:4])
     name = model_name(variant)
-    rest = [client.predict_rest(instance, name, encode_image(images[i]), "image/png") for i in range(4)]
-    assert [status for status, _ in rest] == [200] * 4
-    assert [answer["label"] for _, answer in rest] == expected
-    assert rest[0][1]["model"] == {"name": name, "version": "1.0", "variant": variant}
+    answers = [rest(client, name, encode_image(images[i]), "image/png") for i in range(4)]
+    assert [status for status, _ in answers] == [200] * 4
+    assert [answer["label"] for _, answer in answers] == expected
+    assert answers[0][1]["model"] == {"name": name, "version": "1.0", "variant": variant}
     body = json.dumps({"data": images[0].tolist(), "topk": 5}).encode()
-    status, answer = client.predict_rest(instance, name, body, "application/json")
+    status, answer = rest(client, name, body, "application/json")
     assert status == 200 and answer["label"] == expected[0] and len(answer["topk"]) == 5
-    grpc_answers = [client.predict_grpc(instance, name, encode_image(images[i])) for i in range(4)]
+    grpc_answers = [over_grpc(client, name, encode_image(images[i])) for i in range(4)]
     assert [answer["label"] for answer in grpc_answers] == expected
 
 
-def test_versions_are_pinned_and_the_default_switch_survives_a_restart(instance: server.Instance,
+def test_versions_are_pinned_and_the_default_switch_survives_a_restart(instance: server.Instance, client: Client,
                                                                       test_images: Any) -> None:
     images, _ = test_images
     body = encode_image(images[0])
     model = model_name("full")
     for version in ("1.0", "2.0"):
-        status, answer = client.predict_rest(instance, model, body, "image/png", version=version)
+        status, answer = rest(client, model, body, "image/png", version=version)
         assert status == 200 and answer["model"]["version"] == version
-        assert client.predict_grpc(instance, model, body, version=version)["model"]["version"] == version
-    assert client.predict_rest(instance, model, body, "image/png")[1]["model"]["version"] == "1.0"
+        assert over_grpc(client, model, body, version=version)["model"]["version"] == version
+    assert rest(client, model, body, "image/png")[1]["model"]["version"] == "1.0"
 
     server.set_default(instance, model, "2.0")
-    assert client.predict_rest(instance, model, body, "image/png")[1]["model"]["version"] == "2.0"
+    assert rest(client, model, body, "image/png")[1]["model"]["version"] == "2.0"
+    old_key = client.token()
     server.stop(instance)
+    assert not instance.key_file.exists() and server.running_pid(instance) is None
     server.start(instance, timeout=240)
-    assert client.predict_rest(instance, model, body, "image/png")[1]["model"]["version"] == "2.0"
-    assert client.predict_grpc(instance, model, body)["model"]["version"] == "2.0"
+    assert client.token() != old_key  # a restarted TorchServe has new keys: the client read them
+    assert rest(client, model, body, "image/png")[1]["model"]["version"] == "2.0"
+    assert over_grpc(client, model, body)["model"]["version"] == "2.0"
     assert server.model_status(instance)[(model, "2.0")]["default"]
 
 
@@ -90,7 +113,8 @@ def worker_pids(instance: server.Instance, model: str) -> list[int]:
     return sorted(worker["pid"] for version in described for worker in version["workers"])
 
 
-def test_a_bad_request_in_a_batch_of_good_ones_fails_alone(instance: server.Instance, test_images: Any) -> None:
+def test_a_bad_request_in_a_batch_of_good_ones_fails_alone(instance: server.Instance, client: Client,
+                                                          test_images: Any) -> None:
     images, _ = test_images
     model = model_name("distilled")
     pids_before = worker_pids(instance, model)
@@ -108,7 +132,7 @@ def test_a_bad_request_in_a_batch_of_good_ones_fails_alone(instance: server.Inst
     assert "cannot decode the image" in responses[1].json()["error"]["message"]
     assert "NaN or infinity" in responses[3].json()["error"]["message"]
     assert max(int(response.headers["X-Batch-Size"]) for response in responses) >= 2  # they did share a batch
-    grpc_answer = client.predict_grpc(instance, model, b"not an image")
+    grpc_answer = over_grpc(client, model, b"not an image")
     assert grpc_answer["error"]["code"] == 400  # gRPC carries the error in the body
     assert worker_pids(instance, model) == pids_before  # no worker restarted
 
@@ -152,7 +176,7 @@ def test_cli_predicts_over_rest_and_grpc(instance: server.Instance, test_images:
 def test_runtime_files_stay_in_the_run_directory(instance: server.Instance) -> None:
     config = (instance.run_dir / "config.properties").read_text()
     assert "disable_token_authorization=false" in config and "enable_model_api=false" in config
-    assert f"allowed_urls=file://{instance.model_store}/.*" in config
+    assert read_properties(config)["allowed_urls"] == allowed_urls(instance.model_store)
     assert instance.key_file.is_file() and (instance.run_dir / "logs" / "ts_log.log").is_file()
     assert instance.pid_file.is_file()
     metrics = requests.get(f"{instance.metrics_url}/metrics", timeout=10)

@@ -25,7 +25,7 @@ from router import process
 from router.config import load_config
 from serving import protos, server
 from serving.archive import build_archive, model_name
-from serving.server import free_ports
+from serving.instance import free_ports
 from tests.conftest import Chain, encode_image
 from tests.reliability.conftest import ChaosReport
 from tests.test_router import Stack, stack  # noqa: F401 (the real router in front of the test TorchServe)
@@ -226,7 +226,8 @@ def test_model_registration_is_off_and_allowed_urls_and_sha256_guard_it_when_on(
         headers = instance.headers("management")
         outside = {url: requests.post(f"{instance.management_url}/models", params={"url": url}, headers=headers,
                                       timeout=30) for url in ("http://169.254.169.254/latest/x.mar",
-                                                              "file:///etc/passwd")}
+                                                              "file:///etc/passwd",
+                                                              f"file://{store}/%2E%2E/outside.mar")}
         loaded = requests.post(f"{instance.management_url}/models", headers=headers, timeout=120,
                                params={"url": archive.name, "initial_workers": 1, "synchronous": "true"})
         predicted = requests.post(f"{instance.inference_url}/predictions/{model_name('int8')}",

@@ -1,0 +1,25 @@
+"""Facts about this project that every stage shares: where the repository is, which variants it serves, what
+their TorchServe models and archives are called.
+
+Standard library only, so the router, the load tests and the tests can import it without torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_STORE = REPO / "model_store"
+MODEL_CONFIGS = REPO / "handlers" / "model_configs"  # <variant>.yaml: workers and batching per variant
+VARIANTS = ("full", "pruned", "int8", "distilled")  # the variants that are archived and served
+MODEL_PREFIX = "fashion-"
+
+
+def model_name(variant: str) -> str:
+    """The TorchServe model that serves `variant` (one model per variant, versions per release)."""
+    return MODEL_PREFIX + variant
+
+
+def mar_file_name(model: str, version: str) -> str:
+    """`<model>-v<version>.mar`: several versions of one model side by side in the model store."""
+    return f"{model}-v{version}.mar"
