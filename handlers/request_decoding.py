@@ -1,190 +1,40 @@
 """Turning one TorchServe request into pixels: every input form the handler accepts, and every way it can be wrong.
 
-Kept apart from the handler because TorchServe loads the one class a handler module defines; this module is
-packed into each .mar beside it. The accepted forms and the error contract are described in
-`fashion_handler.py`.
+The accepted forms and the error contract are described in `fashion_handler.py`. Every check runs before the
+work it guards and costs at most what a valid request costs: a JSON body is counted (one pass in C) before it
+is parsed, a pixel list is measured before it is walked, a v2 shape is bounded before it is multiplied (see
+`open_inference.py`), an image is sized from its header before it is decoded (see `image_decoding.py`).
+Refusals raise InvalidInput, whose message is capped and quotes no unbounded input (`invalid_input.py`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
+import open_inference
 import torch
-from PIL import Image, UnidentifiedImageError
+from image_decoding import image_to_pixels
+from invalid_input import InvalidInput, clip, quote, quote_names
 
 import fashion_cnn
 
 DEFAULT_TOPK = 3
-MAX_BODY_BYTES = 5 * 1024 * 1024
-# Pillow's own bomb guard stops at ~89 M pixels; a 28×28 model never needs more than this.
-MAX_IMAGE_PIXELS = 4096 * 4096
-PIXELS = fashion_cnn.IMAGE_SIZE * fashion_cnn.IMAGE_SIZE
-# The Open Inference Protocol's numeric tensor datatypes (pixel values are checked for range separately).
-V2_NUMERIC_DATATYPES = ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32",
-                        "FP64")
-
-
-class InvalidInput(ValueError):
-    """A request the handler cannot turn into an image; its message goes back to the client."""
-
-
-def _as_bytes(value: Any) -> bytes | None:
-    if isinstance(value, bytes | bytearray):
-        return bytes(value)
-    return None
-
-
-def parse_topk(value: Any, num_classes: int) -> int:
-    if value is None:
-        return min(DEFAULT_TOPK, num_classes)
-    raw = _as_bytes(value)
-    if raw is not None:
-        value = raw.decode("utf-8", "replace")
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError as error:
-            raise InvalidInput(f"topk must be an integer, got {value!r}") from error
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"topk must be an integer, got {type(value).__name__}")
-    if not 1 <= value <= num_classes:
-        raise InvalidInput(f"topk must be between 1 and {num_classes}, got {value}")
-    return value
-
-
-def image_to_pixels(data: bytes) -> torch.Tensor:
-    """Decode any Pillow image into a 28×28 uint8 tensor that looks like a Fashion-MNIST image."""
-    if not data:
-        raise InvalidInput("empty body: send an image, or JSON with a 'data' field")
-    if len(data) > MAX_BODY_BYTES:
-        raise InvalidInput(f"image of {len(data)} bytes is larger than the limit of {MAX_BODY_BYTES}")
-    image: Image.Image
-    try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise InvalidInput(
-                f"image of {width}×{height} pixels is too large to decode safely (limit {MAX_IMAGE_PIXELS} pixels)"
-            )
-        image.load()
-        return _like_training_data(image)
-    except InvalidInput:
-        raise
-    except UnidentifiedImageError as error:  # Pillow's message names an in-memory object, not the problem
-        raise InvalidInput("cannot decode the image: not an image format Pillow knows (PNG, JPEG, BMP, GIF, TIFF, "
-                           f"WebP, ...); {len(data)} bytes starting {data[:8]!r}") from error
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise InvalidInput(f"cannot decode the image: {error}") from error
-
-
-def _like_training_data(image: Image.Image) -> torch.Tensor:
-    """Grayscale, light garment on black, longer side 28 px, centred: how Fashion-MNIST images look."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    gray = image.convert("L")
-    pixels = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).view(gray.height, gray.width)
-    border = torch.cat([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]).float()
-    if border.mean() > 127:  # a light background: photos of garments are dark on light, the data set is not
-        gray = Image.eval(gray, lambda value: 255 - value)
-    size = fashion_cnn.IMAGE_SIZE
-    if gray.size != (size, size):
-        scale = size / max(gray.size)
-        resized = gray.resize((max(1, round(gray.width * scale)), max(1, round(gray.height * scale))),
-                              Image.Resampling.LANCZOS)
-        canvas = Image.new("L", (size, size), 0)
-        canvas.paste(resized, ((size - resized.width) // 2, (size - resized.height) // 2))
-        gray = canvas
-    return torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).view(size, size).clone()
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidInput(f"pixel values must be numbers, found {type(value).__name__} {value!r:.40}")
-    try:
-        return float(value)
-    except OverflowError as error:
-        raise InvalidInput("pixel values must be in [0, 255], got an integer too large for a float") from error
-
-
-def array_to_pixels(values: Any) -> torch.Tensor:
-    """A 28×28 nested list or a flat list of 784 numbers in [0, 255] to a 28×28 float tensor."""
-    size = fashion_cnn.IMAGE_SIZE
-    if not isinstance(values, list) or not values:
-        raise InvalidInput("'data' must be a non-empty list of pixel values, or a base64 image string")
-    if all(isinstance(row, list) for row in values):
-        if len(values) != size or any(len(row) != size for row in values):
-            shape = f"{len(values)}×{'/'.join(sorted({str(len(row)) for row in values}))}"
-            raise InvalidInput(f"'data' must be {size}×{size} pixels, got {shape}")
-        flat = [_number(value) for row in values for value in row]
-    elif any(isinstance(row, list) for row in values):
-        raise InvalidInput("'data' mixes numbers and lists: send 28 rows of 28 numbers, or 784 numbers")
-    else:
-        if len(values) != PIXELS:
-            raise InvalidInput(f"'data' must hold {PIXELS} pixel values (28×28), got {len(values)}")
-        flat = [_number(value) for value in values]
-    if not all(math.isfinite(value) for value in flat):
-        raise InvalidInput("'data' contains NaN or infinity")
-    low, high = min(flat), max(flat)
-    if low < 0 or high > 255:
-        raise InvalidInput(f"pixel values must be in [0, 255], got values from {low:g} to {high:g}")
-    return torch.tensor(flat, dtype=torch.float32).view(size, size)
-
-
-def _decode_json(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as error:  # JSONDecodeError, bad UTF-8, huge integers, deep nesting
-        raise InvalidInput(f"body looks like JSON but does not parse: {str(error)[:200]}") from error
-
-
-def _base64_image(text: str) -> torch.Tensor:
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise InvalidInput(f"'data' is a string but not valid base64: {error}") from error
-    return image_to_pixels(data)
-
-
-def flatten_numbers(values: Any, max_depth: int = 4) -> list[Any]:
-    """Flatten nested lists up to `max_depth` levels ([1, 1, 28, 28] is the deepest image shape)."""
-    flat = values if isinstance(values, list) else [values]
-    for _ in range(max_depth):
-        if not any(isinstance(value, list) for value in flat):
-            return flat
-        flat = [item for value in flat for item in (value if isinstance(value, list) else [value])]
-    raise InvalidInput(f"v2 'data' is nested deeper than {max_depth} levels")
-
-
-def decode_v2_request(payload: dict[str, Any]) -> torch.Tensor:
-    """KServe v2 (Open Inference Protocol): one input holding one image.
-
-    Numeric datatypes: 784 pixel values in [0, 255] with shape [28, 28], [1, 28, 28], [1, 1, 28, 28], [784]
-    or [1, 784]; datatype BYTES: data[0] is a base64-encoded image.
-    """
-    inputs = payload.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise InvalidInput("v2 request needs exactly one entry in 'inputs'")
-    tensor = inputs[0]
-    datatype, shape, data = tensor.get("datatype"), tensor.get("shape"), tensor.get("data")
-    if datatype == "BYTES":
-        if not isinstance(data, list) or len(data) != 1 or not isinstance(data[0], str):
-            raise InvalidInput("v2 BYTES input needs 'data': [\"<base64 image>\"]")
-        return _base64_image(data[0])
-    if datatype not in V2_NUMERIC_DATATYPES:
-        raise InvalidInput(f"v2 input datatype must be BYTES or one of {', '.join(V2_NUMERIC_DATATYPES)}, "
-                           f"got {datatype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise InvalidInput("v2 input needs an integer 'shape'")
-    if math.prod(shape) != PIXELS or [d for d in shape if d != 1] not in ([28, 28], [784]):
-        raise InvalidInput(f"v2 input shape must describe one 28×28 image, got {shape}")
-    return array_to_pixels(flatten_numbers(data))
+SIZE = fashion_cnn.IMAGE_SIZE
+PIXELS = SIZE * SIZE
+# One image is 784 numbers: a JSON body with more values than this is refused before it is parsed (parsing a
+# 6 MB list of numbers would make ~60 MB of Python objects). Counted as commas: base64 strings have none.
+MAX_JSON_VALUES = 4096
+JSON_STARTS = (b"{", b"[", b'"')  # no accepted image format starts with these bytes
+# A v2 tensor that is one image: these shapes, with any number of leading 1s (rank at most 4).
+V2_MAX_RANK = 4
+V2_IMAGE_SHAPES = ([SIZE, SIZE], [PIXELS])
+V2_IMAGE_SHAPES_TEXT = "[28, 28], [1, 28, 28], [1, 1, 28, 28], [784] or [1, 784]"
+NATIVE_FIELDS = frozenset({"data", "image", "topk"})
 
 
 @dataclass(frozen=True)
@@ -201,18 +51,20 @@ def decode_request(row: dict[str, Any], num_classes: int) -> Request:
         payload = row.get("body")
     topk_value = row.get("topk")
     raw = _as_bytes(payload)
-    if raw is not None and raw.lstrip()[:1] in (b"{", b"["):
+    if raw is not None and raw.lstrip()[:1] in JSON_STARTS:
         payload = _decode_json(raw)
     elif raw is not None:
         return Request(image_to_pixels(raw), parse_topk(topk_value, num_classes))
-    if isinstance(payload, str):
-        payload = _decode_json(payload.encode()) if payload.lstrip()[:1] in ("{", "[") else payload
-    if isinstance(payload, dict) and "inputs" in payload:
-        return Request(decode_v2_request(payload), num_classes, str(payload.get("id", "")))
+    if isinstance(payload, str) and payload.lstrip()[:1] in ("{", "["):
+        payload = _decode_json(payload.encode())
+    if isinstance(payload, dict) and open_inference.is_inference_request(payload):
+        request = open_inference.parse_request(payload, max_inputs=1, max_rank=V2_MAX_RANK, max_elements=PIXELS,
+                                               accept=_accept_v2_image)
+        return Request(_v2_pixels(request.inputs[0]), num_classes, request.id)
     if isinstance(payload, dict):
-        unknown = set(payload) - {"data", "image", "topk"}
+        unknown = set(payload) - NATIVE_FIELDS
         if unknown:
-            raise InvalidInput(f"unknown JSON fields {sorted(unknown)}; expected 'data' (or 'image') and 'topk'")
+            raise InvalidInput(f"unknown JSON fields {quote_names(unknown)}; expected 'data' (or 'image') and 'topk'")
         topk_value = payload.get("topk", topk_value)
         payload = payload.get("data", payload.get("image"))
         if payload is None:
@@ -224,9 +76,110 @@ def decode_request(row: dict[str, Any], num_classes: int) -> Request:
     elif payload is None or payload == b"":
         raise InvalidInput("empty body: send an image, or JSON with a 'data' field")
     else:
-        raise InvalidInput(f"unsupported input of type {type(payload).__name__}")
+        raise InvalidInput(f"unsupported input: {quote(payload)}; send an image, pixel values or a base64 image")
     return Request(pixels, parse_topk(topk_value, num_classes))
 
 
-def error_body(message: str, model: dict[str, str]) -> dict[str, Any]:
-    return {"error": {"code": 400, "type": "InvalidInput", "message": message}, "model": model}
+def _as_bytes(value: Any) -> bytes | None:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    return None
+
+
+def parse_topk(value: Any, num_classes: int) -> int:
+    if value is None:
+        return min(DEFAULT_TOPK, num_classes)
+    raw = _as_bytes(value)
+    if raw is not None:
+        value = raw[:64].decode("utf-8", "replace")
+    if isinstance(value, str):
+        try:
+            value = int(value.strip()[:64])
+        except ValueError as error:
+            raise InvalidInput(f"topk must be an integer, got {quote(value)}") from error
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"topk must be an integer, got {quote(value)}")
+    if not 1 <= value <= num_classes:
+        raise InvalidInput(f"topk must be between 1 and {num_classes}, got {quote(value)}")
+    return value
+
+
+def _decode_json(raw: bytes) -> Any:
+    values = raw.count(b",") + 1
+    if values > MAX_JSON_VALUES:
+        raise InvalidInput(f"JSON body holds about {values} values, more than the {MAX_JSON_VALUES} accepted "
+                           f"(one {SIZE}×{SIZE} image is {PIXELS} numbers)")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, bad UTF-8, huge integers, deep nesting
+        raise InvalidInput(f"body looks like JSON but does not parse: {clip(str(error), 200)}") from error
+
+
+def _base64_image(text: str) -> torch.Tensor:
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise InvalidInput(f"'data' is a string but not valid base64: {clip(str(error), 200)}") from error
+    return image_to_pixels(data)
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"pixel values must be numbers, found {quote(value)}")
+    try:
+        return float(value)
+    except OverflowError as error:
+        raise InvalidInput("pixel values must be in [0, 255], got an integer too large for a float") from error
+
+
+def array_to_pixels(values: Any) -> torch.Tensor:
+    """A 28×28 nested list or a flat list of 784 numbers in [0, 255] to a 28×28 float tensor.
+
+    Lengths are checked before any element is read, so a list of millions of values costs no more than one of 784.
+    """
+    if not isinstance(values, list) or not values:
+        raise InvalidInput("'data' must be a non-empty list of pixel values, or a base64 image string")
+    if len(values) not in (SIZE, PIXELS):
+        found = "rows" if isinstance(values[0], list) else "values"
+        raise InvalidInput(f"'data' must be {SIZE}×{SIZE} pixels ({SIZE} rows of {SIZE} numbers, or {PIXELS} "
+                           f"numbers), got {len(values)} {found}")
+    rows = sum(isinstance(value, list) for value in values)
+    if rows == len(values):
+        lengths = {len(row) for row in values}
+        if len(values) != SIZE or lengths != {SIZE}:
+            shown = "/".join(str(length) for length in sorted(lengths)[:5]) + ("/…" if len(lengths) > 5 else "")
+            raise InvalidInput(f"'data' must be {SIZE}×{SIZE} pixels, got {len(values)} rows of {shown} numbers")
+        flat = [_number(value) for row in values for value in row]
+    elif rows:
+        raise InvalidInput(f"'data' mixes numbers and lists: send {SIZE} rows of {SIZE} numbers, or {PIXELS} numbers")
+    elif len(values) != PIXELS:
+        raise InvalidInput(f"'data' must hold {PIXELS} pixel values ({SIZE}×{SIZE}), got {len(values)}")
+    else:
+        flat = [_number(value) for value in values]
+    if not all(math.isfinite(value) for value in flat):
+        raise InvalidInput("'data' contains NaN or infinity")
+    low, high = min(flat), max(flat)
+    if low < 0 or high > 255:
+        raise InvalidInput(f"pixel values must be in [0, 255], got values from {low:.6g} to {high:.6g}")
+    return torch.tensor(flat, dtype=torch.float32).view(SIZE, SIZE)
+
+
+def _accept_v2_image(datatype: str, shape: tuple[int, ...]) -> None:
+    """What this model takes over v2, checked before the tensor's data is read: one image."""
+    if datatype == "BYTES":
+        if [dimension for dimension in shape if dimension != 1]:
+            raise InvalidInput(f"v2 BYTES input holds one base64 image: shape [1], got {list(shape)}")
+        return
+    if datatype == "BOOL":
+        raise InvalidInput("v2 input datatype must be BYTES (a base64 image) or numeric pixel values, got BOOL")
+    if [dimension for dimension in shape if dimension != 1] not in V2_IMAGE_SHAPES:
+        raise InvalidInput(f"v2 input shape must describe one 28×28 image ({V2_IMAGE_SHAPES_TEXT}), "
+                           f"got {list(shape)}")
+
+
+def _v2_pixels(tensor: open_inference.Tensor) -> torch.Tensor:
+    if tensor.datatype == "BYTES":
+        if not isinstance(tensor.data[0], str):
+            raise InvalidInput("v2 BYTES input needs 'data': [\"<base64 image>\"]")
+        return _base64_image(tensor.data[0])
+    return array_to_pixels(tensor.data)

@@ -1,7 +1,21 @@
-"""The bad-input matrix: every kind of malformed request, over REST and gRPC, directly to TorchServe and through
-the router, each sent inside a batch of good requests. Each must get a 4xx (gRPC: INVALID_ARGUMENT, or the
-documented in-body error with code 400) with a message saying what is wrong; the good requests beside it must be
-answered correctly; no worker may restart; the workers' memory must stay flat.
+"""The bad-input matrix: every kind of malformed request, and the worst valid images, over REST and gRPC, directly
+to TorchServe and through the router, each sent inside a batch of good requests.
+
+Each bad kind must get a 4xx whose message names the problem (its key words are listed per kind; gRPC: the
+documented in-body error with code 400) — except where TorchServe itself refuses a body over its
+max_request_size before any handler sees it, which is asserted exactly as TorchServe does it. Each worst valid
+image must be answered. The good requests beside them must be answered correctly; no worker may restart.
+
+And each kind has a stated cost bound, measured on the worker that serves it, for each batch holding it (the
+kind once, with good requests):
+  * handler time <= HANDLER_TIME_BOUND_MS: TorchServe's own HandlerTime metric (wall clock, as BaseHandler
+    records it), the figure a TorchServe operator watches. The handler's CPU time for the batch
+    (HandlerCPUTime) is reported beside it;
+  * worker memory: its peak resident memory while the kind is served, and what stays afterwards, at most
+    MEMORY_BOUND_MB above what it held before.
+The metrics are read from the [METRICS] lines TorchServe's frontend writes into ts_log.log for each batch, with
+the batch's request ids. A kind over a bound is measured again (up to TRIES times) and its least cost kept: the
+two cores are shared, other processes only ever add time, and a real cost shows on every try.
 
 Its table goes to the reliability report (`make chaos`: reports/reliability.md); `make test` runs it too.
 """
@@ -10,20 +24,25 @@ from __future__ import annotations
 
 import base64
 import json
-import os
+import random
+import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 import requests
 from PIL import Image
 
-from loadtest.workload import children, resident_mb
 from serving import protos, server
 from tests.conftest import Chain, encode_image, in_process_labels
 from tests.reliability.conftest import ChaosReport
+from tests.test_handler import worst_valid_images
 from tests.test_router import Stack, stack  # noqa: F401 (the real router in front of the test TorchServe)
 
 pytestmark = pytest.mark.router
@@ -32,6 +51,30 @@ pytestmark = pytest.mark.router
 # plain model name, which the router passes through (measured, logged, with its own limits).
 MODEL = "fashion-distilled"
 TORCHSERVE_MAX_REQUEST_BYTES = 6_553_500  # its default max_request_size (config.properties leaves it as it is)
+HANDLER_TIME_BOUND_MS = 50.0
+MEMORY_BOUND_MB = 50.0
+TRIES = 3
+RETRY_PAUSE_S = 1.0
+MB = 1 << 20
+
+# How TorchServe refuses a body over max_request_size itself, before any worker sees it: REST gets a 413 with an
+# empty body; its gRPC server resets the stream (RST_STREAM), which the client reports as CANCELLED.
+TORCHSERVE_REST_REFUSAL = (413, "")
+TORCHSERVE_GRPC_REFUSAL = ("CANCELLED", "Received RST_STREAM")
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    body: bytes
+    content_type: str
+    words: tuple[str, ...] = ()  # what the refusal must say (lower case); none for a valid image
+    valid: bool = False
+
+
+def fixed_bytes(count: int, seed: int = 0) -> bytes:
+    """Random-looking bytes that are the same on every run."""
+    return random.Random(seed).randbytes(count)
 
 
 def bomb() -> bytes:
@@ -39,11 +82,23 @@ def bomb() -> bytes:
     return encode_image(Image.new("1", (20_000, 20_000)))
 
 
-def kinds() -> list[tuple[str, bytes, str]]:
-    """(kind, body, content type) — at least 30 ways to be wrong."""
+def v2(shape: Any, data: Any, datatype: str = "FP32") -> dict[str, Any]:
+    return {"inputs": [{"name": "x", "shape": shape, "datatype": datatype, "data": data}]}
+
+
+def long_shape_body(total_bytes: int) -> tuple[bytes, int]:
+    """A v2 request whose shape is a list of 1s padded to total_bytes (the CPU-time bomb of issue 11)."""
+    head, tail = b'{"inputs": [{"name": "x", "datatype": "FP32", "data": [' + b"0, " * 783 + b'0], "shape": [', b"]}]}"
+    factors = (total_bytes - len(head) - len(tail)) // 3
+    return head + b"1, " * (factors - 1) + b"1" + tail, factors
+
+
+def kinds() -> list[Kind]:
+    """At least 30 ways to be wrong, and the worst images that are still right."""
     good = Image.new("L", (28, 28), 0)
     png, jpeg = encode_image(good), encode_image(good, "JPEG")
     pixels = [[0] * 28 for _ in range(28)]
+    json_type = "application/json"
 
     def js(value: Any) -> bytes:
         return json.dumps(value).encode()
@@ -51,45 +106,69 @@ def kinds() -> list[tuple[str, bytes, str]]:
     deep: Any = 0
     for _ in range(200):
         deep = [deep]
-    return [
-        ("empty body", b"", "image/png"),
-        ("truncated PNG", png[: len(png) // 2], "image/png"),
-        ("corrupt PNG (garbage after the signature)", png[:8] + os.urandom(64), "image/png"),
-        ("PNG signature only", png[:8], "image/png"),
-        ("truncated JPEG", jpeg[: len(jpeg) // 2], "image/jpeg"),
-        ("corrupt JPEG", jpeg[:4] + os.urandom(80), "image/jpeg"),
-        ("random bytes", os.urandom(512), "application/octet-stream"),
-        ("decompression bomb (20000×20000 PNG)", bomb(), "image/png"),
-        ("image over the handler's limit (6 MB)", b"\x89PNG" + os.urandom(6 * 1024 * 1024), "image/png"),
-        ("body over the request limit (7 MB)", b"\x89PNG" + os.urandom(7 * 1024 * 1024), "image/png"),
-        ("invalid JSON", b'{"data": [1, 2,', "application/json"),
-        ("JSON string", js("hello"), "application/json"),
-        ("JSON number", b"[42]", "application/json"),
-        ("JSON object without data", js({"topk": 3}), "application/json"),
-        ("unknown JSON field", js({"data": pixels, "colour": "red"}), "application/json"),
-        ("27×28 pixels", js({"data": pixels[:27]}), "application/json"),
-        ("783 flat pixels", js({"data": [0] * 783}), "application/json"),
-        ("ragged rows", js({"data": [[0] * 28] * 27 + [[0] * 27]}), "application/json"),
-        ("strings as pixels", js({"data": [["a"] * 28] * 28}), "application/json"),
-        ("NaN pixels", b'{"data": [' + b",".join([b"NaN"] * 784) + b"]}", "application/json"),
-        ("infinite pixels", b'{"data": [' + b",".join([b"Infinity"] * 784) + b"]}", "application/json"),
-        ("negative pixels", js({"data": [-5] * 784}), "application/json"),
-        ("huge pixels", js({"data": [1e30] * 784}), "application/json"),
-        ("booleans as pixels", js({"data": [True] * 784}), "application/json"),
-        ("null data", js({"data": None}), "application/json"),
-        ("deep nesting (200 levels)", js({"data": deep}), "application/json"),
-        ("invalid base64", js({"data": "!!not base64!!"}), "application/json"),
-        ("base64 of a non-image", js({"data": base64.b64encode(b"hello world").decode()}), "application/json"),
-        ("unicode garbage", "{\"data\": \"\u202e\U0001f4a5\u0000\ufffd\"}".encode(), "application/json"),
-        ("a PNG declared as JSON", png[:1] + b"{" + png[2:], "application/json"),
-        ("topk 0", js({"data": pixels, "topk": 0}), "application/json"),
-        ("topk not a number", js({"data": pixels, "topk": "three"}), "application/json"),
-        ("topk above the class count", js({"data": pixels, "topk": 11}), "application/json"),
-        ("KServe v2 wrong shape", js({"inputs": [{"name": "x", "shape": [3, 3], "datatype": "UINT8",
-                                                  "data": [0] * 9}]}), "application/json"),
-        ("KServe v2 wrong datatype", js({"inputs": [{"name": "x", "shape": [28, 28], "datatype": "FP64x",
-                                                     "data": [0] * 784}]}), "application/json"),
+    shape_6mb, factors_6mb = long_shape_body(6_300_000)
+    shape_1mb, factors_1mb = long_shape_body(1_200_000)
+    bad = [
+        Kind("empty body", b"", "image/png", ("empty", "body")),
+        Kind("truncated PNG", png[: len(png) // 2], "image/png", ("cannot decode",)),
+        Kind("corrupt PNG (garbage after the signature)", png[:8] + fixed_bytes(64), "image/png", ("cannot decode",)),
+        Kind("PNG signature only", png[:8], "image/png", ("cannot decode",)),
+        Kind("truncated JPEG", jpeg[: len(jpeg) // 2], "image/jpeg", ("cannot decode",)),
+        Kind("corrupt JPEG", jpeg[:4] + fixed_bytes(80), "image/jpeg", ("cannot decode",)),
+        Kind("random bytes", fixed_bytes(512), "application/octet-stream", ("not an image in a format",)),
+        Kind("decompression bomb (20000×20000 PNG)", bomb(), "image/png", ("too large to decode safely",)),
+        Kind("PNG over the pixel cap (385×384)", encode_image(Image.new("L", (385, 384))), "image/png",
+             ("too large to decode safely", "385×384")),
+        Kind("image over the handler's byte limit (1.5 MB)", b"\x89PNG" + fixed_bytes(3 * MB // 2), "image/png",
+             ("larger than the limit",)),
+        Kind("image near the request limit (6 MB)", b"\x89PNG" + fixed_bytes(6 * MB), "image/png",
+             ("larger than the limit",)),
+        Kind("body over the request limit (7 MB)", b"\x89PNG" + fixed_bytes(7 * MB), "image/png", ("exceeded",)),
+        Kind("invalid JSON", b'{"data": [1, 2,', json_type, ("does not parse",)),
+        Kind("JSON string", js("hello"), json_type, ("not valid base64",)),
+        Kind("JSON number", b"[42]", json_type, ("28×28",)),
+        Kind("JSON object without data", js({"topk": 3}), json_type, ("needs a 'data' field",)),
+        Kind("unknown JSON field", js({"data": pixels, "colour": "red"}), json_type, ("unknown json fields", "colour")),
+        Kind("27×28 pixels", js({"data": pixels[:27]}), json_type, ("28×28", "27 rows")),
+        Kind("783 flat pixels", js({"data": [0] * 783}), json_type, ("784", "783")),
+        Kind("ragged rows", js({"data": [[0] * 28] * 27 + [[0] * 27]}), json_type, ("28×28", "27/28")),
+        Kind("strings as pixels", js({"data": [["a"] * 28] * 28}), json_type, ("must be numbers",)),
+        Kind("NaN pixels", b'{"data": [' + b",".join([b"NaN"] * 784) + b"]}", json_type, ("nan or infinity",)),
+        Kind("infinite pixels", b'{"data": [' + b",".join([b"Infinity"] * 784) + b"]}", json_type,
+             ("nan or infinity",)),
+        Kind("negative pixels", js({"data": [-5] * 784}), json_type, ("[0, 255]", "-5")),
+        Kind("huge pixels", js({"data": [1e30] * 784}), json_type, ("[0, 255]", "1e+30")),
+        Kind("booleans as pixels", js({"data": [True] * 784}), json_type, ("must be numbers", "true")),
+        Kind("null data", js({"data": None}), json_type, ("needs a 'data' field",)),
+        Kind("deep nesting (200 levels)", js({"data": deep}), json_type, ("28×28",)),
+        Kind("JSON nested 6 MB deep", b"[" * (6 * MB), json_type, ("does not parse",)),
+        Kind("6 MB JSON list of numbers", b'{"data": [' + b"0.1," * (3 * MB // 2) + b"0]}", json_type,
+             ("more than the 4096 accepted",)),
+        Kind("invalid base64", js({"data": "!!not base64!!"}), json_type, ("not valid base64",)),
+        Kind("base64 of a non-image", js({"data": base64.b64encode(b"hello world").decode()}), json_type,
+             ("not an image in a format",)),
+        Kind("unicode garbage", "{\"data\": \"\u202e\U0001f4a5\u0000\ufffd\"}".encode(), json_type,
+             ("does not parse", "control character")),
+        Kind("a PNG declared as JSON", png[:1] + b"{" + png[2:], json_type, ("cannot decode",)),
+        Kind("topk 0", js({"data": pixels, "topk": 0}), json_type, ("topk must be between",)),
+        Kind("topk not a number", js({"data": pixels, "topk": "three"}), json_type, ("topk must be an integer",)),
+        Kind("topk above the class count", js({"data": pixels, "topk": 11}), json_type, ("topk must be between",)),
+        Kind("KServe v2 wrong shape", js(v2([3, 3], [0] * 9, "UINT8")), json_type, ("one 28×28 image", "[3, 3]")),
+        Kind("KServe v2 wrong datatype", js(v2([28, 28], [0] * 784, "FP64x")), json_type,
+             ("datatype must be one of",)),
+        Kind("KServe v2 shape [784, 784, 784, 784]", js(v2([784] * 4, [0] * 784)), json_type, ("one 28×28 image",)),
+        Kind("KServe v2 shape of 3,000 factors", js(v2([1] * 3000, [0] * 784)), json_type,
+             ("3000 dimensions", "at most 4")),
+        Kind(f"KServe v2 shape of {factors_1mb:,} factors (1.2 MB)", shape_1mb, json_type,
+             ("more than the 4096 accepted",)),
+        Kind(f"KServe v2 shape of {factors_6mb:,} factors (6.3 MB)", shape_6mb, json_type,
+             ("more than the 4096 accepted",)),
     ]
+    types = {b"\x89PNG": "image/png", b"\xff\xd8": "image/jpeg", b"GIF8": "image/gif", b"II*\x00": "image/tiff",
+             b"RIFF": "image/webp"}
+    valid = [Kind(f"valid: {name}", data, next(t for magic, t in types.items() if data.startswith(magic)), valid=True)
+             for name, data in worst_valid_images().items()]
+    return bad + valid
 
 
 KINDS = kinds()
@@ -102,96 +181,314 @@ def good(test_images: Any, chain: Chain) -> tuple[bytes, int]:
     return encode_image(images[5]), in_process_labels(chain, "distilled", images[5:6])[0]
 
 
-def worker_pids(instance: server.Instance) -> set[int]:
-    frontend = server.running_pid(instance)
-    assert frontend is not None
-    return set(children(frontend))
+# --- the worker and what it costs ------------------------------------------------------------------------------
+def worker_pids(instance: server.Instance) -> dict[str, list[int]]:
+    """{model/version: [worker pids]} from TorchServe's management API (the frontend's own child processes
+    include its periodic metrics collector, which comes and goes)."""
+    headers = instance.headers("management")
+    models = requests.get(f"{instance.management_url}/models", headers=headers, timeout=10).json()["models"]
+    pids = {}
+    for model in models:
+        described = requests.get(f"{instance.management_url}/models/{model['modelName']}/all", headers=headers,
+                                 timeout=10).json()
+        for version in described:
+            pids[f"{model['modelName']}/{version['modelVersion']}"] = sorted(w["pid"] for w in version["workers"])
+    return pids
 
 
-def rss_mb(pids: set[int]) -> float:
-    return sum(resident_mb(pid) for pid in pids)
+def resident_mb(pid: int) -> float:
+    return float(psutil.Process(pid).memory_info().rss) / MB
+
+
+def reset_peak(pid: int) -> None:
+    """Start the kernel's peak-resident count (VmHWM) afresh. psutil has neither this nor VmHWM itself."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def peak_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for process {pid}")
+
+
+METRIC_LINE = re.compile(r"\[METRICS\](?P<name>\w+)\.Milliseconds:(?P<value>[\d.]+)\|#ModelName:(?P<model>[^,|]+),"
+                         r"[^|]*\|#type:GAUGE\|#hostname:[^,]*,\d+,(?P<ids>[^ ,][^ ]*?)(?:, pattern=.*)?$")
+
+
+@dataclass
+class Batch:
+    request_ids: list[str]
+    metrics: dict[str, float] = field(default_factory=dict)  # HandlerTime, HandlerCPUTime, PredictionTime (ms)
+
+
+class TorchServeLog:
+    """The per-batch metrics TorchServe's frontend writes into ts_log.log, from a given offset on."""
+
+    def __init__(self, instance: server.Instance) -> None:
+        self.path = instance.log_dir / "ts_log.log"
+        self.offset = self.path.stat().st_size
+
+    def batches(self, model: str) -> list[Batch]:
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            text = handle.read().decode("utf-8", "replace")
+        batches: dict[str, Batch] = {}
+        for line in text.splitlines():
+            found = METRIC_LINE.search(line)
+            if found and found["model"] == model:
+                ids = found["ids"].split(",")
+                batch = batches.setdefault(found["ids"], Batch(ids))
+                batch.metrics[found["name"]] = float(found["value"])
+        return [batch for batch in batches.values() if "HandlerTime" in batch.metrics
+                and "HandlerCPUTime" in batch.metrics]
+
+    def wait_for(self, model: str, requests_answered: int, timeout_s: float = 15.0) -> list[Batch]:
+        """The batches that answered `requests_answered` requests (the frontend logs them asynchronously)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            batches = self.batches(model)
+            if sum(len(batch.request_ids) for batch in batches) >= requests_answered:
+                return batches
+            assert time.monotonic() < deadline, f"only {len(batches)} batches logged for {requests_answered} requests"
+            time.sleep(0.05)
+
+
+@dataclass
+class Cost:
+    handler_ms: float  # TorchServe's HandlerTime, the worst batch of the kind's
+    cpu_ms: float  # HandlerCPUTime of the same batches
+    peak_mb: float  # worker's peak resident memory during the kind, above what it held before
+    kept_mb: float  # what stayed afterwards
+    tries: int = 1
+
+    def within_bounds(self) -> bool:
+        return (self.handler_ms <= HANDLER_TIME_BOUND_MS and self.peak_mb <= MEMORY_BOUND_MB
+                and self.kept_mb <= MEMORY_BOUND_MB)
+
+
+@dataclass
+class Watched:
+    stack: Stack
+    worker: int  # pid of MODEL's one worker
 
 
 @pytest.fixture(scope="module")
-def watched(stack: Stack, chaos_report: ChaosReport) -> Iterator[Stack]:  # noqa: F811 (the imported fixture)
-    """No worker may restart and the workers' memory must stay flat over the whole matrix."""
+def watched(stack: Stack, chaos_report: ChaosReport) -> Iterator[Watched]:  # noqa: F811 (the imported fixture)
+    """No worker may restart, and no worker's memory may grow past the bound over the whole matrix."""
     pids = worker_pids(stack.torchserve)
-    memory = rss_mb(pids)
-    yield stack
+    (worker,) = pids[f"{MODEL}/1.0"]
+    live = Watched(stack, worker)
+    warm_up(live)
+    memory = {pid: resident_mb(pid) for workers in pids.values() for pid in workers}
+    yield live
     assert worker_pids(stack.torchserve) == pids, "a worker restarted"
-    assert rss_mb(pids) < memory + 100, f"worker memory grew from {memory:.0f} MB to {rss_mb(pids):.0f} MB"
-    chaos_report.add("Bad-input matrix", matrix_table(pids))
+    grown = {pid: resident_mb(pid) - before for pid, before in memory.items()}
+    assert max(grown.values()) <= MEMORY_BOUND_MB, f"worker memory grew by {grown} MB over the matrix"
+    chaos_report.add("Bad-input matrix", matrix_table(sum(len(workers) for workers in pids.values())))
 
 
-def rest(live: Stack, path: str, body: bytes, content_type: str) -> tuple[int, str]:
+def warm_up(live: Watched) -> None:
+    """Each form of request, each way, and the matrix's batch sizes, before anything is measured: a worker's
+    first requests allocate what it then keeps (buffers, torch's per-shape caches), which no one kind costs."""
+    body = encode_image(Image.new("L", (28, 28)))
+    forms = [(body, "image/png"), (json.dumps({"data": [0] * 784}).encode(), "application/json"),
+             (json.dumps(v2([784], [0] * 784)).encode(), "application/json"), (b"junk", "application/octet-stream")]
+    for path in ("direct", "router"):
+        for data, content_type in forms:
+            rest(live.stack, path, data, content_type)
+            grpc_call(live.stack, path, data)
+        send_in_batches(live, path, Kind("warm-up", body, "image/png", valid=True), body)
+
+
+# --- the requests ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RestAnswer:
+    status: int
+    text: str
+
+    @property
+    def from_handler(self) -> bool:  # every handler answer names the model; TorchServe's and the router's do not
+        try:
+            answer = json.loads(self.text)
+        except ValueError:
+            return False
+        return isinstance(answer, dict) and "model" in answer
+
+    @property
+    def message(self) -> str:
+        try:
+            return str(json.loads(self.text)["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            return self.text
+
+
+@dataclass(frozen=True)
+class GrpcAnswer:
+    outcome: str  # "ok", "in-body 400" or the gRPC status code's name
+    message: str
+
+    @property
+    def from_handler(self) -> bool:
+        return self.outcome in ("ok", "in-body 400")
+
+
+def rest(live: Stack, path: str, body: bytes, content_type: str) -> RestAnswer:
     if path == "direct":
         url, headers = f"{live.torchserve.inference_url}/predictions/{MODEL}", live.torchserve.headers()
     else:
         url, headers = f"{live.url}/predictions/{MODEL}", {"Authorization": f"Bearer {live.client_token}"}
     response = requests.post(url, data=body, headers={**headers, "Content-Type": content_type}, timeout=60)
-    # TorchServe's frontend refuses a body over its max_request_size with an empty 413: the status line is all
-    return response.status_code, response.text or f"(empty body) {response.status_code} {response.reason}"
+    return RestAnswer(response.status_code, response.text)
 
 
-def grpc_call(live: Stack, path: str, body: bytes, key: str = "data") -> tuple[str, str]:
-    """(outcome, message): "ok", "in-body 400" or the gRPC status code name."""
+def grpc_call(live: Stack, path: str, body: bytes, key: str = "data") -> GrpcAnswer:
     target = live.torchserve.grpc_target if path == "direct" else live.grpc_target
     token = live.torchserve.token() if path == "direct" else live.client_token
     metadata = (("authorization", f"Bearer {token}"),)
     with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 16 << 20)]) as channel:
         stub = protos.load("inference_pb2_grpc").InferenceAPIsServiceStub(channel)
-        request = protos.load("inference_pb2").PredictionsRequest(
-            model_name=MODEL, input={key: body})
+        request = protos.load("inference_pb2").PredictionsRequest(model_name=MODEL, input={key: body})
         try:
             answer = json.loads(stub.Predictions(request, metadata=metadata, timeout=60).prediction)
         except grpc.RpcError as error:
-            return error.code().name, error.details() or ""
+            return GrpcAnswer(error.code().name, error.details() or "")
     if "error" in answer:
-        return f"in-body {answer['error']['code']}", answer["error"]["message"]
-    return "ok", json.dumps(answer)[:100]
+        return GrpcAnswer(f"in-body {answer['error']['code']}", answer["error"]["message"])
+    return GrpcAnswer("ok", json.dumps(answer))
 
 
+def send_in_batches(live: Watched, path: str, kind: Kind, good_body: bytes,
+                    ) -> tuple[list[RestAnswer], RestAnswer, GrpcAnswer, Cost]:
+    """The kind over REST between two good REST requests, then over gRPC beside a good one: each group is sent
+    concurrently, into one 300 ms batch window, so every batch holds the kind once."""
+    log = TorchServeLog(live.stack.torchserve)
+    before = resident_mb(live.worker)
+    reset_peak(live.worker)
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(rest, live.stack, path, good_body, "image/png"),
+                   pool.submit(rest, live.stack, path, kind.body, kind.content_type),
+                   pool.submit(rest, live.stack, path, good_body, "image/png")]
+        good_before, answer, good_after = (f.result() for f in futures)
+        grpc_future = pool.submit(grpc_call, live.stack, path, kind.body)
+        beside_future = pool.submit(rest, live.stack, path, good_body, "image/png")
+        grpc_answer, good_beside = grpc_future.result(), beside_future.result()
+    goods = [good_before, good_after, good_beside]
+    answered = sum(reply.from_handler for reply in (*goods, answer)) + grpc_answer.from_handler
+    batches = log.wait_for(MODEL, answered)
+    cost = Cost(max(batch.metrics["HandlerTime"] for batch in batches),
+                max(batch.metrics["HandlerCPUTime"] for batch in batches),
+                peak_mb(live.worker) - before, resident_mb(live.worker) - before)
+    return goods, answer, grpc_answer, cost
+
+
+def measured(live: Watched, path: str, kind: Kind, good_body: bytes,
+             ) -> tuple[list[RestAnswer], RestAnswer, GrpcAnswer, Cost]:
+    """send_in_batches, again while over a bound (up to TRIES times), keeping the least cost seen."""
+    goods, answer, grpc_answer, cost = send_in_batches(live, path, kind, good_body)
+    for attempt in range(2, TRIES + 1):
+        if cost.within_bounds():
+            break
+        time.sleep(RETRY_PAUSE_S)  # let a burst of other work on the shared cores pass
+        _, _, _, again = send_in_batches(live, path, kind, good_body)
+        cost = Cost(min(cost.handler_ms, again.handler_ms), min(cost.cpu_ms, again.cpu_ms),
+                    min(cost.peak_mb, again.peak_mb), min(cost.kept_mb, again.kept_mb), attempt)
+    return goods, answer, grpc_answer, cost
+
+
+# --- the matrix ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", ["direct", "router"])
-@pytest.mark.parametrize(("kind", "body", "content_type"), KINDS, ids=[kind for kind, _, _ in KINDS])
-def test_bad_input_fails_alone_with_a_clear_4xx(watched: Stack, good: tuple[bytes, int], path: str, kind: str,
-                                                body: bytes, content_type: str) -> None:
+@pytest.mark.parametrize("kind", KINDS, ids=[kind.name for kind in KINDS])
+def test_each_kind_is_answered_alone_within_its_cost_bound(watched: Watched, good: tuple[bytes, int], path: str,
+                                                           kind: Kind) -> None:
     good_body, label = good
-    with ThreadPoolExecutor(4) as pool:  # the bad request inside a batch of good ones (300 ms window)
-        futures = [pool.submit(rest, watched, path, good_body, "image/png"),
-                   pool.submit(rest, watched, path, body, content_type),
-                   pool.submit(rest, watched, path, good_body, "image/png"),
-                   pool.submit(grpc_call, watched, path, body)]
-        good_before, (status, text), good_after, (grpc_outcome, grpc_message) = (f.result() for f in futures)
-    for good_status, good_text in (good_before, good_after):
-        assert good_status == 200 and json.loads(good_text)["label"] == label
-    assert 400 <= status < 500, f"{kind} via {path}: HTTP {status} {text[:300]}"
-    message = json.loads(text)["error"]["message"] if text.startswith("{") else text
-    assert len(message) > 10
-    if len(body) > TORCHSERVE_MAX_REQUEST_BYTES and path == "direct":
-        # TorchServe's own gRPC server resets the stream of a message over max_request_size: the client sees
-        # CANCELLED, not a status that names the limit (the router, in front, answers RESOURCE_EXHAUSTED)
-        assert grpc_outcome in ("RESOURCE_EXHAUSTED", "CANCELLED"), grpc_outcome
-        grpc_message = grpc_message or "(no details: TorchServe reset the stream)"
-    elif len(body) > 4 * 1024 * 1024:  # refused before any worker sees it, or by the handler's own limit
-        assert grpc_outcome in ("RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "in-body 400"), grpc_outcome
-    else:
-        assert grpc_outcome in ("in-body 400", "INVALID_ARGUMENT"), f"{kind} via {path} gRPC: {grpc_outcome}"
-    assert len(grpc_message) > 10
-    RESULTS.append({"kind": kind, "path": path, "rest": status, "rest_message": message[:110],
-                    "grpc": grpc_outcome, "grpc_message": grpc_message[:110]})
+    goods, answer, grpc_answer, cost = measured(watched, path, kind, good_body)
+    for reply in goods:
+        assert reply.status == 200 and json.loads(reply.text)["label"] == label
+    where = f"{kind.name} via {path}"
+    if kind.valid:
+        assert answer.status == 200 and 0 <= json.loads(answer.text)["label"] < 10, f"{where}: {answer}"
+        assert grpc_answer.outcome == "ok", f"{where} gRPC: {grpc_answer}"
+    elif len(kind.body) > TORCHSERVE_MAX_REQUEST_BYTES and path == "direct":
+        assert (answer.status, answer.text) == TORCHSERVE_REST_REFUSAL, f"{where}: {answer}"
+        outcome, details = TORCHSERVE_GRPC_REFUSAL
+        assert grpc_answer.outcome == outcome and details in grpc_answer.message, f"{where}: {grpc_answer}"
+    elif len(kind.body) > TORCHSERVE_MAX_REQUEST_BYTES:  # the router refuses it, saying why
+        assert answer.status == 413 and all(w in answer.message.lower() for w in kind.words), f"{where}: {answer}"
+        assert grpc_answer.outcome == "RESOURCE_EXHAUSTED", f"{where} gRPC: {grpc_answer}"
+    else:  # the handler refused it (REST 400; gRPC the same message in the body), or the router did, saying why
+        assert answer.status == 400 and (answer.from_handler or path == "router"), f"{where}: {answer}"
+        router_refused = path == "router" and grpc_answer.outcome == "INVALID_ARGUMENT"
+        assert grpc_answer.outcome == "in-body 400" or router_refused, f"{where} gRPC: {grpc_answer}"
+        for message in (answer.message, grpc_answer.message):
+            assert all(word in message.lower() for word in kind.words), f"{where}: {message!r} lacks {kind.words}"
+    RESULTS.append({"kind": kind.name, "path": path, "rest": answer.status, "rest_message": answer.message,
+                    "grpc": grpc_answer.outcome, "grpc_message": grpc_answer.message, "cost": cost,
+                    "bytes": len(kind.body)})
+    assert cost.handler_ms <= HANDLER_TIME_BOUND_MS, f"{where}: handler time {cost}"
+    assert cost.peak_mb <= MEMORY_BOUND_MB and cost.kept_mb <= MEMORY_BOUND_MB, f"{where}: worker memory {cost}"
 
 
 @pytest.mark.parametrize("path", ["direct", "router"])
-def test_grpc_with_the_wrong_input_key_is_refused(watched: Stack, path: str) -> None:
-    outcome, message = grpc_call(watched, path, encode_image(Image.new("L", (28, 28))), key="image_bytes")
-    assert outcome in ("in-body 400", "INVALID_ARGUMENT") and "'data'" in message
+def test_grpc_with_the_wrong_input_key_is_refused(watched: Watched, path: str) -> None:
+    answer = grpc_call(watched.stack, path, encode_image(Image.new("L", (28, 28))), key="image_bytes")
+    assert answer.outcome == "in-body 400" and "'data'" in answer.message
 
 
-def matrix_table(pids: set[int]) -> str:
-    lines = [f"{len(KINDS)} kinds × (REST, gRPC) × (direct, router), each inside a batch of good requests (which "
-             f"were all answered correctly). Worker restarts: 0 ({len(pids)} workers watched).", "",
-             "| kind | path | REST | REST message | gRPC | gRPC message |", "|---|---|---|---|---|---|"]
+def test_a_refused_request_is_not_retried_by_the_router(watched: Watched) -> None:
+    """The 6 MB long-shape v2 body through an experiment that could fail over: the arm's 400 is passed through
+    once, no retry, no failure counted against the arm (its circuit and guardrail judge only its own faults)."""
+    live = watched.stack
+    body, _ = long_shape_body(6_300_000)
+    retries_before = live.metric("router_retries_total", experiment="failover")
+    failures_before = live.metric("router_upstream_failures_total", experiment="failover")
+    log = TorchServeLog(live.torchserve)
+    headers = {"Authorization": f"Bearer {live.client_token}", "Content-Type": "application/json"}
+    response = requests.post(f"{live.url}/predictions/failover", data=body, headers=headers, timeout=60)
+    assert response.status_code == 400 and "more than the 4096 accepted" in response.json()["error"]["message"]
+    model = response.headers["X-Target"].split("/")[0]
+    (batch,) = log.wait_for(model, 1)  # the handler saw it once
+    assert len(batch.request_ids) == 1 and batch.metrics["HandlerTime"] <= HANDLER_TIME_BOUND_MS
+    assert live.metric("router_retries_total", experiment="failover") == retries_before
+    assert live.metric("router_upstream_failures_total", experiment="failover") == failures_before
+
+
+def test_the_open_inference_endpoint_refuses_a_long_shape_within_the_bound(watched: Watched, good: tuple[bytes, int],
+                                                                         test_images: Any) -> None:
+    """The same CPU-time bomb on TorchServe's own KServe v2 endpoint, beside a well-formed v2 request."""
+    live = watched.stack.torchserve
+    images, _ = test_images
+    url = f"{live.inference_url}/v2/models/{MODEL}/infer"
+    headers = {**live.headers(), "Content-Type": "application/json"}
+    valid = json.dumps({"id": "ok-1", **v2([1, 28, 28], images[5].flatten().tolist(), "UINT8")}).encode()
+    bomb_body, factors = long_shape_body(6_300_000)
+    log = TorchServeLog(live)
+    with ThreadPoolExecutor(2) as pool:
+        refused, answered = pool.map(lambda body: requests.post(url, data=body, headers=headers, timeout=60),
+                                     [bomb_body, valid])
+    assert refused.status_code == 400 and "more than the 4096 accepted" in refused.json()["error"]["message"]
+    outputs = {output["name"]: output["data"] for output in answered.json()["outputs"]}
+    assert answered.status_code == 200 and answered.json()["id"] == "ok-1" and outputs["label"] == [good[1]]
+    batches = log.wait_for(MODEL, 2)
+    assert max(batch.metrics["HandlerTime"] for batch in batches) <= HANDLER_TIME_BOUND_MS, (factors, batches)
+
+
+def matrix_table(workers: int) -> str:
+    worst = max((row["cost"] for row in RESULTS), key=lambda cost: cost.handler_ms, default=None)
+    lines = [f"{len(KINDS)} kinds ({sum(kind.valid for kind in KINDS)} of them valid worst-case images) × (REST, "
+             f"gRPC) × (direct, router), each inside a batch of good requests (which were all answered correctly). "
+             f"Worker restarts: 0 ({workers} workers watched).", "",
+             f"Cost per kind, on the worker that served it (the worst of the batches holding it, each with the kind "
+             f"once; least of up to {TRIES} tries): TorchServe's HandlerTime (bound {HANDLER_TIME_BOUND_MS:g} ms), "
+             f"the handler's CPU time for the same batch, and the worker's peak and kept memory growth (bound "
+             f"{MEMORY_BOUND_MB:g} MB)." + (f" Worst handler time: {worst.handler_ms:.1f} ms." if worst else ""), "",
+             "| kind | bytes | path | REST | REST message | gRPC | gRPC message | handler ms | CPU ms | peak MB | "
+             "kept MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in sorted(RESULTS, key=lambda r: (r["kind"], r["path"])):
-        lines.append(f"| {row['kind']} | {row['path']} | {row['rest']} | {row['rest_message']} | {row['grpc']} | "
-                     f"{row['grpc_message']} |".replace("\n", " "))
+        cost = row["cost"]
+        cells = [row["kind"], f"{row['bytes']:,}", row["path"], str(row["rest"]),
+                 row["rest_message"][:110] or "(empty)", row["grpc"], row["grpc_message"][:110] or "(no details)",
+                 f"{cost.handler_ms:.1f}" + (f" ({cost.tries} tries)" if cost.tries > 1 else ""),
+                 f"{cost.cpu_ms:.1f}", f"{cost.peak_mb:.1f}", f"{cost.kept_mb:.1f}"]
+        lines.append("| " + " | ".join(cell.replace("\n", " ").replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines)
