@@ -3,7 +3,11 @@ histograms and label every request of a default version "default")."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # Milliseconds-scale buckets: a request to these models takes ~3-100 ms; the tail goes to the 10 s timeout.
 BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5,
@@ -37,3 +41,20 @@ class Metrics:
                                  ["experiment"], registry=self.registry)
         self.feedback = Counter("router_feedback", "Feedback received, by whether the arm's answer was right",
                                 [*arm, "correct"], registry=self.registry)
+
+    def count_log_drops(self, dropped: Mapping[str, int]) -> None:
+        """Export the request log's own count of rows it did not log because its queue was full (`Store.dropped`)
+        as router_log_rows_dropped_total{table}, read at each scrape: nothing to call on the request path."""
+        self.registry.register(_LogDrops(dropped))
+
+
+class _LogDrops(Collector):
+    def __init__(self, dropped: Mapping[str, int]) -> None:
+        self.dropped = dropped
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("router_log_rows_dropped", "Request-log rows not logged because the writer's "
+                                     "queue was full, by table (shadow and events are shed first)", labels=["table"])
+        for table in ("requests", "shadow", "events", "feedback_admin"):
+            family.add_metric([table], self.dropped.get(table, 0))
+        yield family

@@ -4,73 +4,74 @@ events (weight changes, reloads, rollbacks).
 
 An arm's requests count every attempt it got, including attempts that failed and were retried on another arm;
 its errors count those failures too, so a flaky arm shows up even when no client saw an error.
+
+The database does the counting (`router.store.summarize`: counts and the order statistics the percentiles need,
+never an experiment's whole history in Python); this module turns those aggregates into the verdict, the same
+for any store that produces a `LogSummary`.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from router.config import Experiment, Target
-from router.stats import percentile, two_proportion_test, wilson_interval
-from router.store import read_experiment
+from router.config import Experiment
+from router.stats import two_proportion_test, wilson_interval
+from router.store import ArmSummary, LogSummary, Store, summarize
+
+PERCENTILES = (50, 95, 99)
 
 
 def build_report(database: Path, experiment: Experiment, since: float = 0.0) -> dict[str, Any]:
-    raw = read_experiment(database, experiment.name, since)
-    arms: dict[str, dict[str, Any]] = defaultdict(lambda: {"requests": 0, "errors": 0, "latencies": [],
-                                                            "feedback": 0, "correct": 0, "targets": set()})
-    for arm, ok, latency_ms, predicted, retried_from, model, version, truth in raw["requests"]:
-        stats = arms[arm]
-        stats["requests"] += 1
-        stats["errors"] += 0 if ok else 1
-        stats["targets"].add(str(Target(model, version)))
-        if ok:
-            stats["latencies"].append(latency_ms)
-        if retried_from:
-            arms[retried_from]["requests"] += 1
-            arms[retried_from]["errors"] += 1
-        if truth is not None and predicted is not None:  # only answers that named a class can be right or wrong
-            stats["feedback"] += 1
-            stats["correct"] += int(predicted == truth)
-    names = [arm.name for arm in experiment.arms] + sorted(set(arms) - {arm.name for arm in experiment.arms})
-    control = arms[experiment.control]
+    """The report of one experiment from the SQLite log at `database` (any thread; the CLI's path)."""
+    return report_of(summarize(database, experiment.name, since, PERCENTILES), experiment, since)
+
+
+async def live_report(store: Store, experiment: Experiment, since: float = 0.0) -> dict[str, Any]:
+    """The router's report: everything queued is committed first, then the database aggregates it on a worker
+    thread while the event loop keeps serving."""
+    return report_of(await store.summary(experiment.name, since, PERCENTILES), experiment, since)
+
+
+def report_of(summary: LogSummary, experiment: Experiment, since: float = 0.0) -> dict[str, Any]:
+    """The verdict from the log's aggregates (`Store.summary`, whatever database computed them): the
+    experiment's arms in file order, then any other arm the log names; intervals and tests against control."""
+    configured = [arm.name for arm in experiment.arms]
+    names = configured + sorted(set(summary.arms) - set(configured))
+    empty = ArmSummary(0, 0, 0, 0, (), dict.fromkeys(PERCENTILES))
+    arms = {name: summary.arms.get(name, empty) for name in names}
+    control = arms.get(experiment.control, empty)
     rows = []
-    for name in names:
-        stats = arms[name]
-        interval = wilson_interval(stats["correct"], stats["feedback"])
+    for name, stats in arms.items():
+        interval = wilson_interval(stats.correct, stats.feedback)
         test = None if name == experiment.control else two_proportion_test(
-            control["correct"], control["feedback"], stats["correct"], stats["feedback"])
+            control.correct, control.feedback, stats.correct, stats.feedback)
         rows.append({
             "arm": name,
             "control": name == experiment.control,
-            "targets": sorted(stats["targets"]),
-            "requests": stats["requests"],
-            "errors": stats["errors"],
-            "error_rate": stats["errors"] / stats["requests"] if stats["requests"] else None,
-            "latency_ms": {f"p{q}": percentile(stats["latencies"], q) for q in (50, 95, 99)},
-            "feedback": stats["feedback"],
-            "accuracy": stats["correct"] / stats["feedback"] if stats["feedback"] else None,
+            "targets": list(stats.targets),
+            "requests": stats.requests,
+            "errors": stats.errors,
+            "error_rate": stats.errors / stats.requests if stats.requests else None,
+            "latency_ms": {f"p{q}": stats.latency_ms.get(q) for q in PERCENTILES},
+            "feedback": stats.feedback,
+            "accuracy": stats.correct / stats.feedback if stats.feedback else None,
             "accuracy_ci95": list(interval) if interval else None,
             "vs_control": None if test is None else {
                 "difference": test.difference, "z": test.z, "p_value": test.p_value,
                 "significant": test.significant},
         })
-    shadow: dict[str, dict[str, int]] = defaultdict(lambda: {"compared": 0, "agree": 0, "errors": 0})
-    for target, outcome, agree in raw["shadow"]:
-        shadow[target]["compared" if outcome == "ok" else "errors"] += 1
-        shadow[target]["agree"] += int(bool(agree))
     return {
         "experiment": experiment.name,
         "control": experiment.control,
         "since": since,
         "arms": rows,
-        "shadow": [{"target": target, **counts,
-                    "agreement": counts["agree"] / counts["compared"] if counts["compared"] else None}
-                   for target, counts in sorted(shadow.items())],
-        "events": [{"at": at, "kind": kind, "detail": detail} for at, kind, detail in raw["events"]],
+        "shadow": [{"target": shadow.target, "compared": shadow.compared, "agree": shadow.agree,
+                    "errors": shadow.errors,
+                    "agreement": shadow.agree / shadow.compared if shadow.compared else None}
+                   for shadow in summary.shadow],
+        "events": [{"at": event.at, "kind": event.kind, "detail": event.detail} for event in summary.events],
     }
 
 

@@ -9,15 +9,22 @@ from dataclasses import dataclass
 Z_95 = 1.959963984540054
 
 
+def rank_positions(count: int, q: float) -> tuple[int, int, float]:
+    """Where the q-th percentile (0-100) of `count` sorted values lies: the 0-based positions of the two order
+    statistics around it and the fraction of the way from the first to the second (NumPy's linear method).
+    The request log computes its percentiles in SQL from just these two values."""
+    position = (count - 1) * q / 100.0
+    low = math.floor(position)
+    return low, min(low + 1, count - 1), position - low
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The q-th percentile (0-100) by linear interpolation between order statistics (NumPy's default)."""
     if not values:
         return None
     ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100.0
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    low, high, fraction = rank_positions(len(ordered), q)
+    return ordered[low] + (ordered[high] - ordered[low]) * fraction
 
 
 def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float] | None:
