@@ -3,7 +3,8 @@
 (a) serving efficiency: each variant's served throughput (wrk, REST PNG, against `make serve`'s TorchServe)
     ÷ its in-process throughput at the served batch size (the handler's own decoding + forward, one process per
     worker with the worker's thread count, all running at once);
-(b) router ÷ direct throughput and the router's added p50, REST and gRPC (loadtest.router_overhead);
+(b) router ÷ direct throughput, the router's added p50 and p99 (closed loop, and REST at a fixed 200 req/s)
+    and its CPU per request, REST and gRPC, against its hot-path targets (loadtest.router_overhead);
 (c) our handler ÷ TorchServe's stock image classifier (`ts.torch_handler.image_classifier.ImageClassifier`,
     given this model's transforms) on the same full model and settings, each in its own fresh TorchServe,
     measured in alternating rounds;
@@ -65,7 +66,7 @@ import fashion_cnn
 
 class StockFashionCNN(fashion_cnn.FashionCNN):
     def __init__(self) -> None:
-        super().__init__(**fashion_cnn.FULL_CONFIG.as_dict())
+        super().__init__(fashion_cnn.FULL_CONFIG)
 '''
 
 
@@ -307,7 +308,7 @@ def main(args: argparse.Namespace) -> int:
         overhead_args = router_overhead.get_args_parser().parse_args(
             ["--connections", "1", str(CONNECTIONS), "--rounds", str(args.rounds), "--duration-s",
              str(args.duration_s), "--run-dir", str(args.run_dir)])
-        results["router"] = overhead_table(router_overhead.measure(overhead_args))
+        results["router"] = overhead_table(*router_overhead.measure(overhead_args))
     if "stock" not in args.skip:
         results["handlers"] = handler_comparison(args.checkpoints, args.image, args.duration_s, args.rounds)
         log.info("handlers: %s", results["handlers"])

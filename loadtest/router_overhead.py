@@ -1,10 +1,17 @@
 """What the A/B router costs: throughput and latency of the same model, direct to TorchServe and through the
-router, REST and gRPC, measured back to back in one run on one machine (the ratio is the claim).
+router, REST and gRPC, measured back to back in one run on one machine (the ratio is the claim), and the
+router's own CPU time per request.
 
 REST load comes from wrk (C, cheap on the CPU it shares with the servers); gRPC load from a grpc.aio
 closed-loop client in this process (there is no ghz in Debian). Each configuration runs `--rounds` times,
 direct and router alternating, so drifts of the machine hit both alike; the table gives the median round.
 Router requests pin the arm that serves the same model (`X-Arm`), so both paths run the same model.
+
+The router's CPU per request is its process's CPU time (user + system, psutil) over a round divided by the
+requests of that round. The fixed-rate tail is measured open-loop at `--rate` req/s: each request is sent at
+its scheduled time whatever the earlier ones are doing, and its latency counts from that scheduled time, so a
+stall shows up in the tail instead of silently lowering the rate (no coordinated omission); the generator's
+own lag (actual minus scheduled send time) is reported beside it.
 
 Usage:
     make serve                                   # TorchServe + router
@@ -25,18 +32,20 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import aiohttp
 import grpc
+import psutil
 
 from loadtest.workload import Endpoint
 from router.config import load_config
-from router.process import base_url
+from router.process import base_url, running_pid
 from router.stats import percentile
 from router.tokens import load_tokens
 from serving import protos, server
+from serving.project import REPO
 
 log = logging.getLogger("loadtest.router_overhead")
 
-REPO = Path(__file__).resolve().parents[1]
 WRK_SCRIPT = """
 wrk.method = "POST"
 local f = io.open("{body}", "rb")
@@ -45,6 +54,12 @@ f:close()
 {headers}
 """
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+# The router's hot-path targets (issue "Hardening and a cleaner core"): at scale its cores are pure overhead.
+TARGET_CPU_US = {"rest": 150.0, "grpc": 250.0}
+TARGET_ADDED_P50_MS = 1.0  # on one connection
+TARGET_ADDED_P99_MS = 5.0  # at the fixed rate
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,38 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int
+    router_cpu_us: float | None = None  # the router's CPU time per request (router rounds only)
+
+
+@dataclass(frozen=True)
+class FixedRate:
+    path: str
+    round: int
+    rate: float
+    sent: int
+    p50_ms: float
+    p99_ms: float
+    lag_p99_ms: float  # how late the generator sent its requests (99th percentile)
+    errors: int
+
+
+class CpuMeter:
+    """CPU seconds (user + system) a process has used, read before and after a round."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.process = psutil.Process(pid) if pid is not None else None
+        self.start = self._now()
+
+    def _now(self) -> float:
+        if self.process is None:
+            return 0.0
+        times = self.process.cpu_times()
+        return float(times.user + times.system)
+
+    def per_request_us(self, requests: int) -> float | None:
+        if self.process is None or requests <= 0:
+            return None
+        return (self._now() - self.start) / requests * 1e6
 
 
 def wrk(url: str, headers: dict[str, str], body: Path, connections: int, duration_s: float) -> tuple[float, float,
@@ -110,7 +157,41 @@ async def grpc_load(target: str, model: str, version: str, metadata: tuple[tuple
     return len(latencies) / elapsed, percentile(latencies, 50) or 0.0, percentile(latencies, 99) or 0.0, errors
 
 
-def measure(args: argparse.Namespace) -> list[Result]:
+async def fixed_rate(url: str, headers: dict[str, str], body: bytes, rate: float, duration_s: float,
+                     warmup_s: float = 1.0) -> tuple[int, float, float, float, int]:
+    """Open-loop REST load at `rate` req/s: (sent, p50 ms, p99 ms, generator lag p99 ms, errors), latencies from
+    each request's scheduled send time. The first `warmup_s` (connections opening) is sent but not counted."""
+    latencies: list[float] = []
+    lags: list[float] = []
+    errors = 0
+    total = int(rate * (warmup_s + duration_s))
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
+        loop = asyncio.get_running_loop()
+        start = loop.time() + 0.05
+
+        async def one(index: int) -> None:
+            nonlocal errors
+            scheduled = start + index / rate
+            await asyncio.sleep(max(0.0, scheduled - loop.time()))
+            sent = loop.time()
+            try:
+                async with session.post(url, data=body, headers=headers) as response:
+                    answer = await response.read()
+                    ok = response.status == 200 and b'"label"' in answer
+            except (aiohttp.ClientError, TimeoutError):
+                ok = False
+            if index >= rate * warmup_s:
+                latencies.append((loop.time() - scheduled) * 1000)
+                lags.append((sent - scheduled) * 1000)
+                errors += 0 if ok else 1
+
+        await asyncio.gather(*(one(index) for index in range(total)))
+    return (len(latencies), percentile(latencies, 50) or 0.0, percentile(latencies, 99) or 0.0,
+            percentile(lags, 99) or 0.0, errors)
+
+
+def measure(args: argparse.Namespace) -> tuple[list[Result], list[FixedRate]]:
     instance = server.Instance.load(args.run_dir.resolve())
     config = load_config(args.router_config)
     tokens = load_tokens(config.tokens_file)
@@ -122,27 +203,41 @@ def measure(args: argparse.Namespace) -> list[Result]:
         "router": Endpoint("router", base_url(config), f"{config.listen.host}:{config.listen.grpc_port}",
                            tokens.client, experiment.name, arm=arm.name, override_header=config.override_header),
     }
+    router_pid = running_pid(config)
     body = args.image.read_bytes()
     results = []
     for connections in args.connections:
         for index in range(args.rounds):
             for path, target in endpoints.items():
+                meter = CpuMeter(router_pid if path == "router" else None)
                 rate, p50, p99, errors = wrk(target.rest_url + target.rest_path(), target.headers("image/png"),
                                              args.image, connections, args.duration_s)
-                results.append(Result("rest", path, connections, index, rate, p50, p99, errors))
+                cpu = meter.per_request_us(round(rate * args.duration_s))
+                results.append(Result("rest", path, connections, index, rate, p50, p99, errors, cpu))
                 log.info("%s", results[-1])
+                meter = CpuMeter(router_pid if path == "router" else None)
                 rate, p50, p99, errors = asyncio.run(grpc_load(
                     target.grpc_target, target.model, target.version or "", target.metadata(), body, connections,
                     args.duration_s))
-                results.append(Result("grpc", path, connections, index, rate, p50, p99, errors))
+                cpu = meter.per_request_us(round(rate * args.duration_s))
+                results.append(Result("grpc", path, connections, index, rate, p50, p99, errors, cpu))
                 log.info("%s", results[-1])
-    return results
+    fixed = []
+    if args.rate > 0:
+        for index in range(args.rounds):
+            for path, target in endpoints.items():
+                sent, p50, p99, lag, errors = asyncio.run(fixed_rate(
+                    target.rest_url + target.rest_path(), target.headers("image/png"), body, args.rate,
+                    args.duration_s))
+                fixed.append(FixedRate(path, index, args.rate, sent, p50, p99, lag, errors))
+                log.info("%s", fixed[-1])
+    return results, fixed
 
 
-def summarize(results: list[Result]) -> str:
+def summarize(results: list[Result], fixed: list[FixedRate] | None = None) -> str:
     lines = ["| protocol | connections | direct req/s | router req/s | router ÷ direct | direct p50 ms | "
-             "router p50 ms | added p50 ms | direct p99 ms | router p99 ms | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "router p50 ms | added p50 ms | direct p99 ms | router p99 ms | router CPU µs/request | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r.protocol, r.connections) for r in results}, key=lambda k: (k[0] != "rest", k[1]))
     for protocol, connections in keys:
         def median(path: str, field: str, protocol: str = protocol, connections: int = connections) -> float:
@@ -150,12 +245,52 @@ def summarize(results: list[Result]) -> str:
                                      if (r.protocol, r.path, r.connections) == (protocol, path, connections))
         errors = sum(r.errors for r in results if (r.protocol, r.connections) == (protocol, connections))
         direct_rate, router_rate = median("direct", "requests_per_s"), median("router", "requests_per_s")
+        cpu = [r.router_cpu_us for r in results if (r.protocol, r.path, r.connections) == (protocol, "router",
+                                                                                           connections)]
+        cpu_text = f"{statistics.median(c for c in cpu if c is not None):.0f}" if all(cpu) and cpu else "–"
         lines.append(
             f"| {protocol} | {connections} | {direct_rate:.0f} | {router_rate:.0f} | {router_rate / direct_rate:.2f} | "
             f"{median('direct', 'p50_ms'):.2f} | {median('router', 'p50_ms'):.2f} | "
             f"{median('router', 'p50_ms') - median('direct', 'p50_ms'):+.2f} | {median('direct', 'p99_ms'):.1f} | "
-            f"{median('router', 'p99_ms'):.1f} | {errors} |")
+            f"{median('router', 'p99_ms'):.1f} | {cpu_text} | {errors} |")
+    if fixed:
+        lines += ["", "| REST at a fixed rate | req/s | sent | p50 ms | p99 ms | generator lag p99 ms | errors |",
+                  "|---|---|---|---|---|---|---|"]
+        for path in ("direct", "router"):
+            rows = [f for f in fixed if f.path == path]
+            lines.append(f"| {path} | {rows[0].rate:g} | {sum(f.sent for f in rows)} | "
+                         f"{statistics.median(f.p50_ms for f in rows):.2f} | "
+                         f"{statistics.median(f.p99_ms for f in rows):.1f} | "
+                         f"{statistics.median(f.lag_p99_ms for f in rows):.2f} | {sum(f.errors for f in rows)} |")
+    lines += ["", targets(results, fixed or [])]
     return "\n".join(lines) + "\n"
+
+
+def targets(results: list[Result], fixed: list[FixedRate]) -> str:
+    """The router's hot-path targets against this run's medians."""
+    rows = ["| target | measured | met |", "|---|---|---|"]
+
+    def median_of(values: list[float]) -> float | None:
+        return statistics.median(values) if values else None
+
+    for protocol, limit in TARGET_CPU_US.items():
+        cpu = median_of([r.router_cpu_us for r in results if r.protocol == protocol and r.router_cpu_us is not None
+                         and r.connections == max(x.connections for x in results)])
+        if cpu is not None:
+            rows.append(f"| router CPU per {protocol.upper()} request ≤ {limit:g} µs | {cpu:.0f} µs | "
+                        f"{'yes' if cpu <= limit else 'no'} |")
+    single = [r for r in results if r.protocol == "rest" and r.connections == 1]
+    if single:
+        added = (median_of([r.p50_ms for r in single if r.path == "router"]) or 0.0) - (
+            median_of([r.p50_ms for r in single if r.path == "direct"]) or 0.0)
+        rows.append(f"| added p50 on one connection ≤ {TARGET_ADDED_P50_MS:g} ms | {added:+.2f} ms | "
+                    f"{'yes' if added <= TARGET_ADDED_P50_MS else 'no'} |")
+    if fixed:
+        added = (median_of([f.p99_ms for f in fixed if f.path == "router"]) or 0.0) - (
+            median_of([f.p99_ms for f in fixed if f.path == "direct"]) or 0.0)
+        rows.append(f"| added p99 at {fixed[0].rate:g} req/s ≤ {TARGET_ADDED_P99_MS:g} ms | {added:+.2f} ms | "
+                    f"{'yes' if added <= TARGET_ADDED_P99_MS else 'no'} |")
+    return "\n".join(rows)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -168,21 +303,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--connections", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--duration-s", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=200.0, help="fixed-rate REST round (0: skip)")
     parser.add_argument("--output", type=Path, default=REPO / "reports" / "router_overhead.md")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    results = measure(args)
-    table = summarize(results)
+    results, fixed = measure(args)
+    table = summarize(results, fixed)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     command = "python -m loadtest.router_overhead " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in vars(args).items() if k in ("connections", "duration_s", "rounds"))
+        for k, v in vars(args).items() if k in ("connections", "duration_s", "rounds", "rate"))
     args.output.write_text(f"# Router overhead\n\n`{command}`, median of {args.rounds} alternating rounds.\n\n"
                            f"{table}")
-    args.output.with_suffix(".json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    args.output.with_suffix(".json").write_text(json.dumps(
+        {"closed_loop": [asdict(r) for r in results], "fixed_rate": [asdict(f) for f in fixed]}, indent=2))
     print(table)
     return 0
 

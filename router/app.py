@@ -32,7 +32,7 @@ async def wait_for_targets(router: Router, config: RouterConfig, timeout_s: floa
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            await router.validate_targets(config)
+            await router.catalog.validate(config)
             return
         except (UpstreamUnavailable, OSError) as error:
             if time.monotonic() > deadline:
@@ -46,8 +46,9 @@ async def serve(config_path: Path, wait_s: float = 60.0) -> None:
     tokens = load_tokens(config.tokens_file)
     client = TorchServeClient(config.torchserve, config.timeouts)
     await client.open()
-    store = Store(config.database)
+    store = Store(config.database, config.request_log)
     router = Router(config, client, store)
+    router.metrics.count_log_drops(store.dropped)
     runner: web.AppRunner | None = None
     grpc_server: grpc.aio.Server | None = None
     tasks: list[asyncio.Task[None]] = []
@@ -56,14 +57,12 @@ async def serve(config_path: Path, wait_s: float = 60.0) -> None:
         runner = web.AppRunner(RestFrontEnd(router, tokens).app(), access_log=None, handle_signals=False)
         await runner.setup()
         await web.TCPSite(runner, config.listen.host, config.listen.rest_port, backlog=1024).start()
-        # the same body limit as REST (gRPC's own default is 4 MB)
-        grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", config.max_body_bytes + 1024)])
-        grpc_service.add_to_server(grpc_server, router, tokens)
+        grpc_server = grpc_service.server(config, router, tokens)
         if grpc_server.add_insecure_port(f"{config.listen.host}:{config.listen.grpc_port}") == 0:
             raise OSError(f"cannot listen on {config.listen.host}:{config.listen.grpc_port} (gRPC)")
         await grpc_server.start()
         tasks = [asyncio.create_task(coroutine) for coroutine in (
-            router.watch_config(), router.guard_forever(), client.renew_keys_forever())]
+            router.control.watch_config(), router.guardrail.run_forever(), client.renew_keys_forever())]
         log.info("router listening on http://%s:%d (REST) and %s:%d (gRPC); experiments: %s; TorchServe %s",
                  config.listen.host, config.listen.rest_port, config.listen.host, config.listen.grpc_port,
                  ", ".join(config.experiments), config.torchserve.inference_url)
@@ -81,7 +80,7 @@ async def serve(config_path: Path, wait_s: float = 60.0) -> None:
         if runner is not None:
             await runner.cleanup()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(router.drain_shadows(), timeout=config.timeouts.shadow_s)
+            await asyncio.wait_for(router.shadows.drain(), timeout=config.timeouts.shadow_s)
         await client.close()
         store.close()
         log.info("router stopped")

@@ -19,19 +19,9 @@ from typing import Any
 import yaml
 
 from router.errors import ConfigError
+from serving.client import Target  # one TorchServe model version; version None: its default
 
 LOOPBACK = "127.0.0.1"
-
-
-@dataclass(frozen=True)
-class Target:
-    """One TorchServe model version; version None means the model's default version."""
-
-    model: str
-    version: str | None = None
-
-    def __str__(self) -> str:
-        return f"{self.model}/{self.version}" if self.version else self.model
 
 
 @dataclass(frozen=True)
@@ -108,6 +98,17 @@ class CircuitBreakerSettings:
 
 
 @dataclass(frozen=True)
+class RequestLog:
+    """Bounds of the request log (router.store). Retention deletes, per table, rows older than `retention_days`
+    and all but the newest `max_rows` (null in the file: no such bound); at most `queue_limit` rows wait for
+    the writer (shadow rows and events are shed beyond half of it, requests refused with 503 beyond all of it)."""
+
+    retention_days: float | None = 30.0
+    max_rows: int | None = 2_000_000  # ~0.43 GB of requests at ~215 bytes a row with indexes (loadtest.request_log)
+    queue_limit: int = 10_000
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     experiments: dict[str, Experiment]
     torchserve: TorchServe = field(default_factory=TorchServe)
@@ -117,9 +118,13 @@ class RouterConfig:
     override_header: str = "X-Arm"
     timeouts: Timeouts = field(default_factory=Timeouts)
     circuit_breaker: CircuitBreakerSettings = field(default_factory=CircuitBreakerSettings)
+    request_log: RequestLog = field(default_factory=RequestLog)
     # TorchServe's default max_request_size: the router refuses nothing that TorchServe would accept
     max_body_bytes: int = 6_553_500
     max_shadow_in_flight: int = 32
+    # Requests each front end (REST, gRPC) works on at once; beyond it a request is refused with 503 /
+    # RESOURCE_EXHAUSTED at once instead of queueing in memory (see docs/router.md for how it was sized).
+    max_in_flight: int = 256
     source: Path | None = None  # the file this was read from, for reloads
     digest: str = ""  # sha256 of that file's bytes: tells whether runtime overrides still apply to it
 
@@ -228,10 +233,22 @@ def _section(document: dict[str, Any], key: str, cls: type, fields: dict[str, ty
     return cls(**values)
 
 
+def _request_log(document: dict[str, Any]) -> RequestLog:
+    """Like `_section`, except that a retention bound may be null: that bound is off."""
+    spec = _check_keys("request_log", document.get("request_log") or {}, {"retention_days", "max_rows", "queue_limit"})
+    days = spec.get("retention_days", RequestLog.retention_days)
+    rows = spec.get("max_rows", RequestLog.max_rows)
+    return RequestLog(
+        retention_days=None if days is None else _number("request_log.retention_days", days),
+        max_rows=None if rows is None else int(_number("request_log.max_rows", rows, minimum=1, inclusive=True)),
+        queue_limit=int(_number("request_log.queue_limit", spec.get("queue_limit", RequestLog.queue_limit),
+                                minimum=1, inclusive=True)))
+
+
 def parse_config(document: Any, source: Path | None = None, digest: str = "") -> RouterConfig:
     document = _check_keys("config", document, {
         "experiments", "torchserve", "listen", "state_dir", "headers", "timeouts", "circuit_breaker",
-        "max_body_bytes", "max_shadow_in_flight"}, {"experiments"})
+        "max_body_bytes", "max_shadow_in_flight", "max_in_flight", "request_log"}, {"experiments"})
     experiments_spec = document["experiments"]
     if not isinstance(experiments_spec, dict) or not experiments_spec:
         raise ConfigError("experiments: needs at least one experiment")
@@ -246,13 +263,16 @@ def parse_config(document: Any, source: Path | None = None, digest: str = "") ->
                                                              "shadow_s": float}),
         circuit_breaker=_section(document, "circuit_breaker", CircuitBreakerSettings,
                                  {"failures": int, "reset_s": float}),
+        request_log=_request_log(document),
         state_dir=Path(str(document.get("state_dir", "runs/router"))),
         sticky_header=_name("headers.sticky", headers.get("sticky", "X-User-Id")),
         override_header=_name("headers.override", headers.get("override", "X-Arm")),
         max_body_bytes=int(_number("max_body_bytes", document.get("max_body_bytes", RouterConfig.max_body_bytes),
                                    minimum=1)),
-        max_shadow_in_flight=int(_number("max_shadow_in_flight", document.get("max_shadow_in_flight", 32),
-                                         minimum=1, inclusive=True)),
+        max_shadow_in_flight=int(_number("max_shadow_in_flight", document.get(
+            "max_shadow_in_flight", RouterConfig.max_shadow_in_flight), minimum=1, inclusive=True)),
+        max_in_flight=int(_number("max_in_flight", document.get("max_in_flight", RouterConfig.max_in_flight),
+                                  minimum=1, inclusive=True)),
         source=source,
         digest=digest,
     )

@@ -10,6 +10,14 @@ import grpc
 
 # Every answer, error or not, names where it was routed: REST headers; gRPC trailing metadata, lowercased.
 WHERE_HEADERS = ("X-Request-Id", "X-Experiment", "X-Arm", "X-Target")
+# An error message quotes what the client sent only up to this many characters: never unbounded input.
+QUOTE_LIMIT = 80
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """repr() of a client's value for an error message, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class RouterError(Exception):
@@ -68,6 +76,13 @@ class UpstreamUnavailable(RouterError):
 
     http_status = 503
     grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+class Overloaded(RouterError):
+    """The router already has its limit of requests in flight: refused at once rather than queued without end."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class UpstreamTimeout(RouterError):

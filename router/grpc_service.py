@@ -1,18 +1,26 @@
 """The router's gRPC front end: TorchServe's own `InferenceAPIsService` (same protos, same messages), so a gRPC
-client changes only its target. The arm and target of each answer travel in trailing metadata."""
+client changes only its target. The arm and target of each answer travel in trailing metadata.
+
+The token is checked from the call's metadata by an interceptor before the request message is parsed, so an
+unauthenticated caller costs the router no decoding; the server takes at most `max_in_flight` calls at once
+and refuses the rest with RESOURCE_EXHAUSTED.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
 
+from router.config import RouterConfig
 from router.core import Routed, Router
 from router.errors import RouterError, Unauthenticated
-from router.tokens import Tokens, bearer
+from router.request import GRPC, InferenceRequest
+from router.tokens import ADMIN, Tokens, bearer
 from serving import protos
 
 log = logging.getLogger(__name__)
@@ -21,9 +29,52 @@ inference_pb2 = protos.load("inference_pb2")
 inference_pb2_grpc = protos.load("inference_pb2_grpc")
 
 
+SERVICE = "org.pytorch.serve.grpc.inference.InferenceAPIsService"
+OPEN_METHODS = {f"/{SERVICE}/Ping"}  # health needs no token, as on REST
+
+
+def no_token() -> Unauthenticated:
+    return Unauthenticated("missing or invalid router token (metadata authorization: Bearer <token>)")
+
+
 async def abort_with(context: grpc.aio.ServicerContext, error: RouterError) -> NoReturn:
     await context.abort(error.grpc_code, error.message, trailing_metadata=_metadata(error.answer_headers()))
     raise AssertionError("unreachable: abort raises")
+
+
+def _role(tokens: Tokens, metadata: Any) -> str | None:
+    for key, value in metadata or ():
+        if key.lower() == "authorization":
+            return tokens.role(bearer(_text(value)))
+    return None
+
+
+class TokenCheck(grpc.aio.ServerInterceptor):
+    """Refuse a call without a valid token before its message is read into a protobuf."""
+
+    def __init__(self, tokens: Tokens) -> None:
+        self.tokens = tokens
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method in OPEN_METHODS or _role(self.tokens, details.invocation_metadata):
+            return handler
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await abort_with(context, no_token())
+
+        async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await abort_with(context, no_token())
+            yield  # pragma: no cover (a generator, as a streaming handler must be)
+
+        # No request deserializer: the message stays raw bytes, never parsed.
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(refuse_stream)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(refuse)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(refuse_stream)
+        return grpc.unary_unary_rpc_method_handler(refuse)
 
 
 class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type: ignore[name-defined]
@@ -58,21 +109,16 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
 
     async def _route(self, request: Any, context: grpc.aio.ServicerContext) -> Routed:
         metadata = {key.lower(): value for key, value in context.invocation_metadata() or ()}
-        if not self.tokens.is_client(bearer(_text(metadata.get("authorization")))):
-            raise Unauthenticated("missing or invalid router token (metadata authorization: Bearer <token>)")
+        role = _role(self.tokens, context.invocation_metadata())
+        if role is None:  # the interceptor let it through: only if the token was valid, so this is defence in depth
+            raise no_token()
         config = self.router.config
-        inputs = dict(request.input)
-        client = self.router.client
-
-        async def call(target: Any, timeout_s: float) -> Any:
-            remaining = context.time_remaining()  # the client's own deadline, if it set one, bounds ours
-            return await client.predict_grpc(target, inputs, timeout_s if remaining is None
-                                             else max(0.001, min(timeout_s, remaining)))
-
-        return await self.router.route(
-            request.model_name, request.model_version or None,
-            _text(metadata.get(config.sticky_header.lower())) or None,
-            _text(metadata.get(config.override_header.lower())) or None, "grpc", call)
+        remaining = context.time_remaining()  # the client's own deadline, if it set one, bounds ours
+        return await self.router.route(InferenceRequest(
+            name=request.model_name, protocol=GRPC, version=request.model_version or None,
+            key=_text(metadata.get(config.sticky_header.lower())) or None,
+            pin=_text(metadata.get(config.override_header.lower())) or None, privileged=role == ADMIN,
+            inputs=dict(request.input), deadline=None if remaining is None else time.monotonic() + remaining))
 
 
 def _text(value: str | bytes | None) -> str | None:
@@ -83,5 +129,11 @@ def _metadata(headers: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
     return tuple((name.lower(), value) for name, value in headers)  # gRPC metadata keys are lowercase
 
 
-def add_to_server(server: grpc.aio.Server, router: Router, tokens: Tokens) -> None:
-    inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(InferenceService(router, tokens), server)
+def server(config: RouterConfig, router: Router, tokens: Tokens) -> grpc.aio.Server:
+    """The router's gRPC server with its services, limits and token check (not yet listening)."""
+    grpc_server = grpc.aio.server(
+        interceptors=[TokenCheck(tokens)], maximum_concurrent_rpcs=config.max_in_flight,
+        # the same body limit as REST (gRPC's own default is 4 MB)
+        options=[("grpc.max_receive_message_length", config.max_body_bytes + 1024)])
+    inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(InferenceService(router, tokens), grpc_server)
+    return grpc_server

@@ -13,12 +13,15 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.core import Router
-from router.errors import BadRequest, Forbidden, RouterError, Unauthenticated
-from router.tokens import Tokens, bearer
+from router.errors import BadRequest, Forbidden, Overloaded, RouterError, Unauthenticated, quoted
+from router.request import REST, InferenceRequest
+from router.tokens import ADMIN, CLIENT, Tokens, bearer
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Feedback and admin bodies are a few hundred bytes of JSON: anything far larger is refused unread.
+MAX_JSON_BYTES = 64 * 1024
 
 
 def error_response(error: RouterError) -> web.Response:
@@ -43,13 +46,35 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
             name: value for name, value in error.headers.items() if name.lower() == "allow"})
 
 
+def in_flight_limit(limit: int) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Refuse (503, Retry-After) rather than queue once `limit` requests are being worked on: under overload the
+    router's memory and every request's latency stay bounded, and the client learns to back off."""
+    in_flight = 0
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal in_flight
+        if in_flight >= limit:
+            raise Overloaded(f"the router is working on its limit of {limit} requests; retry shortly",
+                             retry_after_s=1)
+        in_flight += 1
+        try:
+            return await handler(request)
+        finally:
+            in_flight -= 1
+
+    return middleware
+
+
 class RestFrontEnd:
     def __init__(self, router: Router, tokens: Tokens) -> None:
         self.router = router
         self.tokens = tokens
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.router.config.max_body_bytes, middlewares=[errors_as_json])
+        config = self.router.config
+        app = web.Application(client_max_size=config.max_body_bytes,
+                              middlewares=[errors_as_json, in_flight_limit(config.max_in_flight)])
         app.add_routes([
             web.post("/predictions/{model}", self.predict),
             web.post("/predictions/{model}/{version}", self.predict),
@@ -66,33 +91,32 @@ class RestFrontEnd:
         ])
         return app
 
-    def _client(self, request: web.Request) -> None:
-        if not self.tokens.is_client(bearer(request.headers.get("Authorization"))):
+    def _client(self, request: web.Request) -> str:
+        """The caller's role; Unauthenticated without a valid token."""
+        role = self.tokens.role(bearer(request.headers.get("Authorization")))
+        if role is None:
             raise Unauthenticated("missing or invalid router token (Authorization: Bearer <token>, "
                                   "see the router's tokens.json)")
+        return role
 
     def _admin(self, request: web.Request) -> None:
-        token = bearer(request.headers.get("Authorization"))
-        if not self.tokens.is_admin(token):
-            if self.tokens.is_client(token):
-                raise Forbidden("this endpoint needs the admin token, not the client token")
+        role = self.tokens.role(bearer(request.headers.get("Authorization")))
+        if role == CLIENT:
+            raise Forbidden("this endpoint needs the admin token, not the client token")
+        if role != ADMIN:
             raise Unauthenticated("missing or invalid admin token (Authorization: Bearer <admin token>)")
 
     async def predict(self, request: web.Request) -> web.Response:
-        self._client(request)
+        role = self._client(request)
         body = await request.read()
         if not body:
             raise BadRequest("empty request body: send an image (Content-Type: image/png, ...) or JSON")
-        content_type = request.headers.get("Content-Type", "application/octet-stream")
-        client = self.router.client
-
-        async def call(target: Any, timeout_s: float) -> Any:
-            return await client.predict_rest(target, body, content_type, timeout_s)
-
-        routed = await self.router.route(
-            request.match_info["model"], request.match_info.get("version"),
-            request.headers.get(self.router.config.sticky_header) or None,
-            request.headers.get(self.router.config.override_header) or None, "rest", call)
+        config = self.router.config
+        routed = await self.router.route(InferenceRequest(
+            name=request.match_info["model"], protocol=REST, version=request.match_info.get("version"),
+            key=request.headers.get(config.sticky_header) or None,
+            pin=request.headers.get(config.override_header) or None, privileged=role == ADMIN,
+            body=body, content_type=request.headers.get("Content-Type", "application/octet-stream")))
         headers = {"Content-Type": routed.reply.content_type, **dict(routed.answer_headers()),
                    **dict(routed.reply.headers)}
         return web.Response(status=routed.reply.status, body=routed.reply.body, headers=headers)
@@ -116,8 +140,8 @@ class RestFrontEnd:
         if not isinstance(request_id, str) or not request_id:
             raise BadRequest('feedback needs "request_id": the X-Request-Id of the answer')
         if not isinstance(label, int) or isinstance(label, bool) or label < 0:
-            raise BadRequest(f'feedback needs "label": the true class as an integer >= 0, got {label!r}')
-        return web.json_response(await self.router.feedback(request_id, label))
+            raise BadRequest(f'feedback needs "label": the true class as an integer >= 0, got {quoted(label)}')
+        return web.json_response(await self.router.evaluation.feedback(request_id, label))
 
     async def experiments(self, request: web.Request) -> web.Response:
         self._admin(request)
@@ -129,18 +153,18 @@ class RestFrontEnd:
         weights = document.get("weights")
         if not isinstance(weights, dict) or not weights:
             raise BadRequest('send {"weights": {"<arm>": <weight>, ...}} (0 drains an arm)')
-        reason = f"admin: {document.get('reason', 'weights set through the admin API')}"
-        await self.router.set_weights(request.match_info["name"], weights, reason)
+        reason = f"admin: {str(document.get('reason', 'weights set through the admin API'))[:300]}"
+        await self.router.control.set_weights(request.match_info["name"], weights, reason)
         return web.json_response(self.router.describe()["experiments"][request.match_info["name"]])
 
     async def clear_override(self, request: web.Request) -> web.Response:
         self._admin(request)
-        await self.router.clear_override(request.match_info["name"])
+        await self.router.control.clear_override(request.match_info["name"])
         return web.json_response(self.router.describe()["experiments"][request.match_info["name"]])
 
     async def reload(self, request: web.Request) -> web.Response:
         self._admin(request)
-        changed = await self.router.reload("admin-reload")
+        changed = await self.router.control.reload("admin-reload")
         return web.json_response({"reloaded": changed, **self.router.describe()})
 
     async def report(self, request: web.Request) -> web.Response:
@@ -151,14 +175,21 @@ class RestFrontEnd:
                 since = time.time() - float(request.query["since_s"])
             except ValueError:
                 raise BadRequest("since_s must be a number of seconds") from None
-        return web.json_response(await self.router.report(request.match_info["name"], since))
+        return web.json_response(await self.router.evaluation.report(request.match_info["name"], since))
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_JSON_BYTES:
+        raise BadRequest(f"body of {request.content_length} bytes is larger than this endpoint's {MAX_JSON_BYTES}")
+    raw = await request.read()
+    if len(raw) > MAX_JSON_BYTES:
+        raise BadRequest(f"body of {len(raw)} bytes is larger than this endpoint's {MAX_JSON_BYTES}")
     try:
-        document = json.loads(await request.read())
+        document = json.loads(raw)
+    except RecursionError:
+        raise BadRequest("body is JSON nested too deeply") from None
     except ValueError as error:
-        raise BadRequest(f"body is not valid JSON: {error}") from None
+        raise BadRequest(f"body is not valid JSON: {str(error)[:200]}") from None
     if not isinstance(document, dict):
         raise BadRequest("body must be a JSON object")
     return document

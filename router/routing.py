@@ -17,7 +17,7 @@ import random
 from collections.abc import Collection
 
 from router.config import Arm, Experiment
-from router.errors import BadRequest, UpstreamUnavailable
+from router.errors import BadRequest, UpstreamUnavailable, quoted
 
 _SCALE = float(1 << 64)
 
@@ -72,7 +72,7 @@ def choose_arm(experiment: Experiment, weights: dict[str, float], key: str | Non
             return experiment.arm(override)
         except KeyError:
             arms = ", ".join(arm.name for arm in experiment.arms)
-            raise BadRequest(f"experiment {experiment.name!r} has no arm {override!r} (arms: {arms})") from None
+            raise BadRequest(f"experiment {experiment.name!r} has no arm {quoted(override)} (arms: {arms})") from None
     candidates = {name: weight for name, weight in weights.items() if name not in unavailable and weight > 0}
     if not candidates:
         raise UpstreamUnavailable(f"no arm of experiment {experiment.name!r} is available "

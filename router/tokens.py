@@ -16,6 +16,7 @@ from pathlib import Path
 
 CLIENT_ENV = "ROUTER_CLIENT_TOKEN"
 ADMIN_ENV = "ROUTER_ADMIN_TOKEN"
+CLIENT, ADMIN = "client", "admin"
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,13 @@ class Tokens:
     client: str
     admin: str
 
-    def is_client(self, presented: str | None) -> bool:
-        """Clients may use either token: an admin may also send requests."""
-        return presented is not None and (_same(presented, self.client) or _same(presented, self.admin))
-
-    def is_admin(self, presented: str | None) -> bool:
-        return presented is not None and _same(presented, self.admin)
+    def role(self, presented: str | None) -> str | None:
+        """ADMIN, CLIENT, or None for a missing or unknown token. The admin token may also send requests."""
+        if presented is None:
+            return None
+        if _same(presented, self.admin):
+            return ADMIN
+        return CLIENT if _same(presented, self.client) else None
 
 
 def _same(presented: str, expected: str) -> bool:

@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from router import process
 from router.config import load_config
 from router.tokens import load_tokens
 from serving import protos, server
-from serving.server import free_ports
+from serving.instance import free_ports
 from tests.conftest import Chain, encode_image, in_process_labels
 
 pytestmark = pytest.mark.router
@@ -113,9 +114,8 @@ def scale(instance: server.Instance, model: str, workers: int) -> None:
     assert response.status_code == 200, response.text
 
 
-@pytest.fixture(scope="module")
-def stack(torchserve: server.Instance, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("router")
+def launch(torchserve: server.Instance, root: Path, experiments: dict[str, Any], **settings: Any) -> Stack:
+    """Start a real router (as `make serve` does) in front of `torchserve`, on free loopback ports."""
     rest_port, grpc_port = free_ports(2)
     document = {
         "torchserve": {"inference_url": torchserve.inference_url, "management_url": torchserve.management_url,
@@ -124,18 +124,25 @@ def stack(torchserve: server.Instance, tmp_path_factory: pytest.TempPathFactory)
         "state_dir": str(root / "state"),
         "timeouts": {"connect_s": 1, "request_s": 20, "shadow_s": 0.15},
         "circuit_breaker": {"failures": 2, "reset_s": 1},
-        "experiments": EXPERIMENTS,
+        "experiments": experiments,
+        **settings,
     }
     config_path = root / "experiments.yaml"
     config_path.write_text(yaml.safe_dump(document, sort_keys=False))
     process.start(config_path)
     config = load_config(config_path)
     tokens = load_tokens(config.tokens_file)
+    return Stack(torchserve, config_path, f"http://127.0.0.1:{rest_port}", f"127.0.0.1:{grpc_port}",
+                 tokens.client, tokens.admin, process.log_file(config))
+
+
+@pytest.fixture(scope="module")
+def stack(torchserve: server.Instance, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    launched = launch(torchserve, tmp_path_factory.mktemp("router"), EXPERIMENTS)
     try:
-        yield Stack(torchserve, config_path, f"http://127.0.0.1:{rest_port}", f"127.0.0.1:{grpc_port}",
-                    tokens.client, tokens.admin, process.log_file(config))
+        yield launched
     finally:
-        process.stop(config_path)
+        process.stop(launched.config_path)
 
 
 def test_each_arm_answers_like_its_model_and_names_itself(stack: Stack, chain: Chain, test_images: Any) -> None:
@@ -250,9 +257,12 @@ def test_failover_when_a_target_loses_its_workers_or_a_worker_is_killed(stack: S
 
 def test_guardrail_rolls_the_candidate_back_and_admin_resets_it(stack: Stack, test_images: Any) -> None:
     body = encode_image(test_images[0][2])
-    for i in range(4):
-        assert stack.predict("guarded", body, **{"X-Arm": "int8", "X-User-Id": f"g{i}"}).status_code == 200
+    for i in range(4):  # pinned with the admin token: the rollback may land between two of them
+        response = requests.post(f"{stack.url}/predictions/guarded", data=body, timeout=30, headers={
+            **stack.admin(), "Content-Type": "image/png", "X-Arm": "int8", "X-User-Id": f"g{i}"})
+        assert response.status_code == 200
     until(lambda: stack.describe()["guarded"]["rolled_back"])
+    assert stack.predict("guarded", body, **{"X-Arm": "int8"}).status_code == 403  # rolled back: no client pins
     assert stack.describe()["guarded"]["arms"]["int8"]["weight"] == 0
     assert {stack.predict("guarded", body, **{"X-User-Id": f"g{i}"}).headers["X-Arm"] for i in range(12)} == {"full"}
     report = stack.report("guarded")
@@ -296,6 +306,10 @@ def test_feedback_gives_online_accuracy_that_survives_a_router_restart(stack: St
         response = requests.post(f"{stack.url}/feedback", json={"request_id": request_id, "label": truth},
                                  headers=stack.headers(), timeout=10)
         assert response.status_code == 200, response.text
+    first_id, first_truth = answered[0][0], answered[0][1]
+    again = requests.post(f"{stack.url}/feedback", json={"request_id": first_id, "label": (first_truth + 1) % 10},
+                          headers=stack.headers(), timeout=10)  # a second label for the same request
+    assert again.status_code == 200 and again.json()["duplicate"] is True and again.json()["label"] == first_truth
     assert requests.post(f"{stack.url}/feedback", json={"request_id": "nope", "label": 1}, headers=stack.headers(),
                          timeout=10).status_code == 404
     assert requests.post(f"{stack.url}/feedback", json={"request_id": answered[0][0], "label": "x"},
@@ -311,4 +325,81 @@ def test_feedback_gives_online_accuracy_that_survives_a_router_restart(stack: St
     process.start(stack.config_path)
     assert accuracy() == expected  # durable in SQLite
     report = stack.report("fashion")
-    assert report["arms"][0]["accuracy_ci95"] is not None and "vs_control" in report["arms"][2]
+    arms = {row["arm"]: row for row in report["arms"]}
+    assert arms["full"]["accuracy_ci95"] is not None and arms["full"]["vs_control"] is None  # full is control
+    versus = arms["int8"]["vs_control"]
+    assert versus is not None and 0 <= versus["p_value"] <= 1
+    assert versus["difference"] == pytest.approx(expected["int8"][1] - expected["full"][1])
+
+
+def test_only_the_admin_token_may_pin_a_drained_arm(stack: Stack, test_images: Any) -> None:
+    body = encode_image(test_images[0][4])
+    url = f"{stack.url}/admin/experiments/failover/weights"
+    assert requests.put(url, json={"weights": {"pruned": 0}}, headers=stack.admin(), timeout=10).status_code == 200
+    try:
+        refused = stack.predict("failover", body, **{"X-Arm": "pruned"})
+        assert refused.status_code == 403 and "only the admin token may pin it" in refused.json()["error"]["message"]
+        with pytest.raises(grpc.RpcError) as denied:
+            stack.grpc_predict("failover", body, (("x-arm", "pruned"),))
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        operator = requests.post(f"{stack.url}/predictions/failover", data=body, timeout=30,
+                                 headers={**stack.admin(), "Content-Type": "image/png", "X-Arm": "pruned"})
+        assert operator.status_code == 200 and operator.headers["X-Arm"] == "pruned"
+    finally:
+        requests.delete(f"{stack.url}/admin/experiments/failover/override", headers=stack.admin(), timeout=10)
+    assert stack.predict("failover", body, **{"X-Arm": "pruned"}).status_code == 200
+
+
+def test_deep_or_large_json_to_feedback_and_admin_is_a_400(stack: Stack) -> None:
+    nested = b"[" * 5000 + b"]" * 5000  # 10 kB, but deeper than any JSON parser recurses
+    big = b'"' + b"x" * 200_000 + b'"'
+    for send, url, headers in ((requests.post, f"{stack.url}/feedback", stack.headers()),
+                               (requests.put, f"{stack.url}/admin/experiments/fashion/weights", stack.admin())):
+        deep = send(url, data=b'{"request_id": ' + nested + b', "label": 1}', headers=headers, timeout=10)
+        assert deep.status_code == 400 and deep.json()["error"]["message"] == "body is JSON nested too deeply"
+        large = send(url, data=b'{"request_id": ' + big + b', "label": 1}', headers=headers, timeout=10)
+        assert large.status_code == 400 and "larger than this endpoint's 65536" in large.json()["error"]["message"]
+
+
+def test_grpc_refuses_a_missing_token_before_reading_the_message(stack: Stack) -> None:
+    """Bytes that are no protobuf at all: without a token the answer is UNAUTHENTICATED (nothing was parsed);
+    with the token the router tries to parse them and fails."""
+    method = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions"
+    garbage = b"\xff" * 1024
+    with grpc.insecure_channel(stack.grpc_target) as channel:
+        call = channel.unary_unary(method)  # raw bytes in and out, no serializer
+        with pytest.raises(grpc.RpcError) as anonymous:
+            call(garbage, timeout=10)
+        assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as parsed:
+            call(garbage, metadata=(("authorization", f"Bearer {stack.client_token}"),), timeout=10)
+        assert parsed.value.code() != grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_requests_beyond_the_in_flight_limit_are_refused_not_queued(torchserve: server.Instance,
+                                                                    tmp_path: Path, test_images: Any) -> None:
+    # fashion-distilled waits 300 ms for a batch of 4 in the test TorchServe: 6 concurrent requests to a router
+    # that takes 2 at a time see 2 answered and the rest refused at once.
+    limited = launch(torchserve, tmp_path, {"slow": {"arms": {"d": {"model": "fashion-distilled", "weight": 1}}}},
+                     max_in_flight=2)
+    body = encode_image(test_images[0][5])
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            rest = list(pool.map(lambda _: limited.predict("slow", body), range(6)))
+        statuses = sorted(r.status_code for r in rest)
+        assert statuses.count(200) >= 2 and statuses.count(503) >= 2, statuses
+        refused = next(r for r in rest if r.status_code == 503)
+        assert refused.headers["Retry-After"] == "1" and "limit of 2 requests" in refused.json()["error"]["message"]
+
+        def grpc_outcome(_: int) -> str:
+            try:
+                limited.grpc_predict("slow", body)
+                return "OK"
+            except grpc.RpcError as error:
+                return str(error.code().name)
+
+        with ThreadPoolExecutor(6) as pool:
+            outcomes = sorted(pool.map(grpc_outcome, range(6)))
+        assert outcomes.count("OK") >= 2 and outcomes.count("RESOURCE_EXHAUSTED") >= 2, outcomes
+    finally:
+        process.stop(limited.config_path)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from router.circuits import CircuitBreaker
 from router.config import (
     Arm,
     Experiment,
@@ -21,8 +22,8 @@ from router.config import (
     parse_config,
     with_weights,
 )
-from router.core import CircuitBreaker, label_of
 from router.errors import BadRequest, ConfigError, UpstreamUnavailable
+from router.request import label_of
 from router.routing import choose_arm, random_arm, sticky_arm
 from router.stats import percentile, two_proportion_test, wilson_interval
 

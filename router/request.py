@@ -1,0 +1,82 @@
+"""What crosses the router's data plane: one protocol-neutral inference request in, one routed answer out.
+
+The front ends (REST, gRPC) turn their protocol into an `InferenceRequest` and hand it to `Router.route`; the
+core picks a target and gives the same request to the upstream client, which forwards the payload in the
+protocol it came in. Nothing in the core knows a protocol beyond its name (for metrics and the log).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from router.config import Target
+from router.errors import WHERE_HEADERS
+from router.upstream import Reply
+
+REST = "rest"
+GRPC = "grpc"
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """One client request: where it wants to go, how it may be routed, and the payload to forward as it came."""
+
+    name: str  # an experiment, or a plain TorchServe model (passed through)
+    protocol: str  # REST or GRPC: which payload field is set, and the label in metrics and the log
+    version: str | None = None  # only for plain models: experiments pick the version themselves
+    key: str | None = None  # the sticky key (same key, same arm)
+    pin: str | None = None  # an arm the client pinned
+    privileged: bool = False  # sent with the admin token: may pin an arm the experiment has drained
+    body: bytes = b""  # REST
+    content_type: str = "application/octet-stream"  # REST
+    inputs: Mapping[str, bytes] = field(default_factory=dict)  # gRPC
+    deadline: float | None = None  # time.monotonic() by which the client stops waiting (a gRPC deadline)
+
+    def timeout_s(self, limit_s: float) -> float:
+        """The router's own limit, shortened to the client's deadline when it has one."""
+        if self.deadline is None:
+            return limit_s
+        return max(0.001, min(limit_s, self.deadline - time.monotonic()))
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A request's answer and where it came from."""
+
+    reply: Reply
+    request_id: str
+    experiment: str
+    arm: str
+    target: Target
+    retried_from: str | None = None
+
+    def answer_headers(self) -> list[tuple[str, str]]:
+        headers = list(zip(WHERE_HEADERS, (self.request_id, self.experiment, self.arm, str(self.target)),
+                           strict=True))
+        if self.retried_from:
+            headers.append(("X-Retried-From", self.retried_from))
+        return headers
+
+
+def label_of(body: bytes) -> int | None:
+    """The predicted class in one of our handler's answers, or None for anything else (an error, another format)."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return None
+    label = answer.get("label") if isinstance(answer, dict) else None
+    return label if isinstance(label, int) and not isinstance(label, bool) else None
+
+
+class Upstream(Protocol):
+    """What the core needs of the upstream client (router.upstream.TorchServeClient; scripted in unit tests)."""
+
+    async def infer(self, target: Target, request: InferenceRequest, timeout_s: float) -> Reply: ...
+
+    async def served_models(self) -> dict[str, set[str]]: ...
+
+    async def ping(self) -> bool: ...
