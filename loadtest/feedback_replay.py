@@ -22,9 +22,9 @@ from router.config import load_config
 from router.process import base_url
 from router.report import to_markdown
 from router.tokens import load_tokens
+from serving.project import REPO
 
 log = logging.getLogger("loadtest.feedback_replay")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -1,32 +1,41 @@
 """Locust users for the kit: real Fashion-MNIST test images sent to TorchServe directly or through the A/B
 router, over REST (`RestUser`, a FastHttpUser) or gRPC (`GrpcUser`, firing Locust's request events). Every
 answer is checked: status, a known class, and the true label (accuracy under load). Every request's latency
-is kept at full resolution (Locust's own statistics round it) and, in fixed-arrival-rate mode, measured from
-the moment the request was meant to be sent, so a slow server cannot hide its tail by slowing the load
-(coordinated omission).
+is kept at full resolution (Locust's own statistics round it).
+
+Fixed arrival rate (`--rate`): request k of the run is due at a fixed time on a schedule that starts once every
+user has been spawned (the ramp-up is never part of it; `--warmup-s` more seconds are left out of the figures).
+Its latency is measured from that intended send time, so a slow server cannot hide its tail by slowing the load
+(coordinated omission), and the generator's own lag — how late the request actually left — is recorded too.
+A run whose lag p99 exceeds `--max-lag-ms` measured the generator, not the system: it exits with code 3
+("invalid"); give it more users (`-u`, see `loadtest.workload.users_for_rate`) or less work per process.
 
 Usage:
     make serve
     # closed loop, 32 users, REST, the full model directly:
     locust -f loadtest/locustfile.py --headless -u 32 -r 32 -t 30s --target direct --variant full RestUser
     # fixed arrival rate of 400 req/s through the router (pinned to the int8 arm), gRPC:
-    locust -f loadtest/locustfile.py --headless -u 64 -r 64 -t 30s --rate 400 --target router --variant int8 GrpcUser
+    locust -f loadtest/locustfile.py --headless -u 80 -r 80 -t 30s --rate 400 --target router --variant int8 GrpcUser
     # step the users up to find saturation (see shapes.py):
     locust -f loadtest/locustfile.py,loadtest/shapes.py --headless --target direct --variant int8 RestUser
-    # the gate: exit code 1 when failures or p95 exceed the limits
-    ... --max-failure-ratio 0.001 --max-p95-ms 100
-    # distributed: one master, workers on other machines (same files, same options)
+    # the gate: exit code 1 when failures or p95/p99 exceed the limits, 3 when the run is invalid
+    ... --max-failure-ratio 0.001 --max-p95-ms 100 --max-p99-ms 200 --max-lag-ms 2
+    # distributed: one master, workers on other machines (same files, same options); with --rate each of the
+    # W workers sends rate/W on an interleaved schedule
     locust -f loadtest/locustfile.py --master --headless --expect-workers 2 -u 64 -r 64 -t 60s RestUser
     locust -f loadtest/locustfile.py --worker --master-host <master address> --target direct --variant full
 
 Options: --target direct|router, --variant full|pruned|int8|distilled, --experiment (router), --no-pin (let the
 router pick arms by weight), --body png|json|mixed, --rate N (req/s for the whole run; 0 = closed loop),
---samples PREFIX (writes PREFIX.<pid>.csv and PREFIX.summary.json), --max-failure-ratio, --max-p95-ms,
---run-dir / --router-config (where `make serve` put the stack).
+--warmup-s, --samples PREFIX (writes PREFIX.<pid>.csv and PREFIX.summary.json), --max-failure-ratio,
+--max-p95-ms, --max-p99-ms, --max-lag-ms, --run-dir / --router-config (where `make serve` put the stack).
+With several processes (`--processes`, or distributed) each worker judges its own share; `python -m
+loadtest.run` and `loadtest.workload.summarize` judge the merged samples.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -37,12 +46,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import gevent
+import gevent.event
 import grpc
 import grpc.experimental.gevent as grpc_gevent
 from locust import FastHttpUser, User, constant, events, task
 from locust.env import Environment
+from locust.runners import MasterRunner, WorkerRunner
 
 from loadtest.workload import (
+    MAX_LAG_P99_MS,
     Endpoint,
     Gate,
     Item,
@@ -61,6 +73,43 @@ grpc_gevent.init_gevent()  # gRPC's blocking calls must yield to gevent, or one 
 log = logging.getLogger("loadtest")
 
 
+INVALID_EXIT_CODE = 3  # the run measured the generator, not the system (1 is the gate's: the system failed)
+
+
+class Schedule:
+    """Fixed arrival rate for this process: its k-th slot is due at start + (offset + k × processes) / rate, so
+    W processes at rate/W each interleave into one schedule. It starts when every user is spawned."""
+
+    def __init__(self, rate: float = 0.0, index: int = 0, processes: int = 1, warmup_s: float = 0.0) -> None:
+        self.rate, self.index, self.processes, self.warmup_s = rate, index, processes, warmup_s
+        self.start = 0.0
+        self.started = gevent.event.Event()
+        self.slots = itertools.count()
+        self.warmup_requests = 0
+
+    def begin(self) -> None:
+        self.start = time.time()
+        self.started.set()
+
+    def next_slot(self) -> dict[str, Any] | None:
+        """Wait for this request's slot; return the context to send it with (None in closed-loop mode)."""
+        if self.rate <= 0:
+            return None
+        self.started.wait()
+        intended = self.start + (self.index + next(self.slots) * self.processes) / self.rate
+        claimed = time.time()
+        if intended > claimed:
+            gevent.sleep(intended - claimed)
+        return {"intended": intended, "no_free_user": claimed > intended}
+
+    def stamp(self, slot: dict[str, Any]) -> dict[str, Any]:
+        """The moment the request leaves. Requests that leave in the first `warmup_s` are left out of the figures
+        (by send time: a generator that falls behind still shows its lag after the warm-up)."""
+        slot["sent"] = time.time()
+        slot["warmup"] = slot["sent"] < self.start + self.warmup_s
+        return slot
+
+
 class Run:
     """What one Locust process sends, set up once when the test starts."""
 
@@ -72,9 +121,7 @@ class Run:
     items: list[Item]
     body: str = "png"
     variant: str = "full"
-    rate: float = 0.0
-    started: float = 0.0
-    slots = itertools.count()
+    schedule = Schedule()
     samples: ClassVar[list[Sample]] = []
 
 
@@ -86,12 +133,29 @@ def add_options(parser: Any) -> None:
     parser.add_argument("--no-pin", action="store_true", help="router: let the experiment's weights pick the arm")
     parser.add_argument("--body", choices=["png", "json", "mixed"], default="png")
     parser.add_argument("--rate", type=float, default=0.0, help="fixed arrival rate (req/s in all); 0: closed loop")
+    parser.add_argument("--warmup-s", type=float, default=1.0,
+                        help="fixed rate: requests sent in the schedule's first seconds are left out")
     parser.add_argument("--items", type=int, default=256, help="how many test images to cycle through")
     parser.add_argument("--samples", default="", help="prefix of the full-resolution sample files")
     parser.add_argument("--max-failure-ratio", type=float, default=0.0)
     parser.add_argument("--max-p95-ms", type=float, default=None)
+    parser.add_argument("--max-p99-ms", type=float, default=None)
+    parser.add_argument("--max-lag-ms", type=float, default=MAX_LAG_P99_MS,
+                        help="fixed rate: a run whose generator lag p99 exceeds this is invalid (exit code 3)")
     parser.add_argument("--run-dir", default=None, help="TorchServe's run directory (default runs/torchserve)")
     parser.add_argument("--router-config", default=None, help="default router/experiments.yaml")
+
+
+@functools.cache
+def items(count: int) -> list[Item]:
+    return test_items(count)
+
+
+@events.init.add_listener
+def on_init(environment: Environment, **_: Any) -> None:
+    # Seconds of decoding and PNG encoding: done before the run, whose clock (-t) starts with test_start.
+    if environment.parsed_options is not None:
+        items(environment.parsed_options.items)
 
 
 @events.test_start.add_listener
@@ -105,49 +169,78 @@ def on_test_start(environment: Environment, **_: Any) -> None:
                             options.experiment, pin=not options.no_pin)
     Run.path, Run.metadata = Run.endpoint.rest_path(), Run.endpoint.metadata()
     Run.headers = {kind: Run.endpoint.headers(kind) for kind in ("image/png", "application/json")}
-    Run.items = test_items(options.items)
-    Run.body, Run.variant, Run.rate = options.body, options.variant, options.rate
-    Run.started, Run.slots, Run.samples = time.time(), itertools.count(), []
+    Run.items = items(options.items)
+    Run.body, Run.variant, Run.samples = options.body, options.variant, []
+    runner = environment.runner
+    if isinstance(runner, WorkerRunner):  # this process sends its share of the rate, interleaved with the others
+        index, processes = runner.worker_index, max(1, int(options.expect_workers))
+    else:
+        index, processes = 0, 1
+    Run.schedule = Schedule(options.rate, index, processes, options.warmup_s)
+    if options.rate > 0 and environment.shape_class is not None:
+        raise ValueError("--rate sets the load itself: run it without a load shape")
+
+
+@events.spawning_complete.add_listener
+def on_spawning_complete(**_: Any) -> None:
+    Run.schedule.begin()  # the ramp-up is over: slot 0 is due now
 
 
 @events.request.add_listener
 def on_request(name: str, response_time: float, exception: Exception | None, context: dict[str, Any],
                **_: Any) -> None:
     now = time.time()
-    intended = context.get("intended")
-    latency = (now - intended) * 1000 if intended else response_time
-    Run.samples.append(Sample(name, exception is None, now, response_time, latency, context.get("correct")))
+    lag_ms = None
+    latency = response_time
+    if "sent" in context:
+        if context["warmup"]:
+            Run.schedule.warmup_requests += 1
+            return
+        lag_ms = (context["sent"] - context["intended"]) * 1000
+        latency = lag_ms + response_time  # from the intended send time: what an open-loop client would see
+    Run.samples.append(Sample(name, exception is None, now, response_time, latency, context.get("correct"),
+                              lag_ms, context.get("no_free_user", False)))
 
 
 @events.quitting.add_listener
 def on_quitting(environment: Environment, **_: Any) -> None:
     options = environment.parsed_options
-    if options is None or not Run.samples:
-        return
+    if options is None or isinstance(environment.runner, MasterRunner):
+        return  # a master sends nothing: its workers judge their own samples
     summary = summarize(Run.samples)
-    if options.samples:
+    if options.samples and Run.samples:
         prefix = Path(options.samples)
         write_samples(prefix.with_name(f"{prefix.name}.{os.getpid()}.csv"), Run.samples)
         prefix.with_name(f"{prefix.name}.summary.json").write_text(json.dumps(summary, indent=2))
-    problems = Gate(options.max_failure_ratio, options.max_p95_ms).violations(summary)
+    gate = Gate(options.max_failure_ratio, options.max_p95_ms, options.max_p99_ms, options.max_lag_ms)
+    problems = gate.violations(summary)
+    invalid = gate.invalid(summary)
+    if environment.runner is not None and environment.runner.cpu_warning_emitted:
+        invalid.append("the generator's CPU went above 90 % (Locust's warning)")
+    if not Run.samples:
+        log.error("gate failed: no requests were made")
+        environment.process_exit_code = 1
+        return
     total = summary["Aggregated"]
     log.info("full-resolution: %d requests, %.1f req/s, p50 %.1f ms, p95 %.1f ms, p99 %.1f ms, accuracy %s",
              total["requests"], total["throughput"], total["p50_ms"] or 0, total["p95_ms"] or 0,
              total["p99_ms"] or 0, fmt_pct(total["accuracy"]))
+    if total["lag_p99_ms"] is not None:
+        log.info("generator lag: p50 %.2f ms, p99 %.2f ms, max %.1f ms; %.2f%% of requests found no free user; "
+                 "%d warm-up requests left out", total["lag_p50_ms"], total["lag_p99_ms"], total["lag_max_ms"],
+                 100 * total["no_free_user_ratio"], Run.schedule.warmup_requests)
     if problems:
         log.error("gate failed: %s", "; ".join(problems))
         environment.process_exit_code = 1
+    if invalid:
+        log.error("run invalid: %s", "; ".join(invalid))
+        environment.process_exit_code = INVALID_EXIT_CODE
 
 
-def pace() -> float | None:
-    """Fixed-rate mode: wait for this request's slot in the schedule and return its intended send time."""
-    if Run.rate <= 0:
-        return None
-    intended = Run.started + next(Run.slots) / Run.rate
-    delay = intended - time.time()
-    if delay > 0:
-        gevent.sleep(delay)
-    return intended
+def pace() -> dict[str, Any]:
+    """The context a request is sent with: in fixed-rate mode, its slot's timing, stamped just before it leaves."""
+    slot = Run.schedule.next_slot()
+    return {} if slot is None else Run.schedule.stamp(slot)
 
 
 def pick() -> tuple[Item, str, bytes, str]:
@@ -173,12 +266,12 @@ class RestUser(FastHttpUser):
 
     @task
     def predict(self) -> None:
-        intended = pace()
         item, kind, body, content_type = pick()
+        context = pace()
         # FastHttpSession sends bytes as they are; its annotation only lists str and dict.
         with self.client.post(Run.path, data=body,  # type: ignore[arg-type]
                               headers=Run.headers[content_type],
-                              name=request_name("rest", kind, Run.endpoint.arm), context={"intended": intended},
+                              name=request_name("rest", kind, Run.endpoint.arm), context=context,
                               catch_response=True) as response:
             if Run.endpoint.path == "router" and not Run.endpoint.arm:
                 response.request_meta["name"] = request_name("rest", kind, response.headers.get("X-Arm"))
@@ -204,12 +297,11 @@ class GrpcUser(User):
 
     @task
     def predict(self) -> None:
-        intended = pace()
         item, kind, body, _ = pick()
         request = self.pb2.PredictionsRequest(model_name=Run.endpoint.model, model_version=Run.endpoint.version or "",
                                               input={"data": body})
-        context: dict[str, Any] = {"intended": intended}
         arm = Run.endpoint.arm
+        context = pace()
         started = time.perf_counter()
         exception: Exception | None = None
         length = 0

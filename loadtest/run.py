@@ -4,8 +4,14 @@ For every variant, REST and gRPC, directly and (for the full model) through the 
 1 → 64) that finds the saturation throughput and draws latency against throughput, then fixed-arrival-rate runs
 whose latency is measured from each request's intended send time. Each run writes Locust's CSV and HTML report
 and our full-resolution samples under `reports/loadtest/<run>/`; `reports/loadtest/summary.md` holds the tables
-(with the CPU used by TorchServe, the router and the load generator: a run whose generator used more than 90 %
-of a core is marked invalid), `latency_vs_throughput.png` and `accuracy_p99_size.png` the plots.
+(with the CPU used by TorchServe, the router and the load generator) and `latency_vs_throughput.png` and
+`accuracy_p99_size.png` the plots.
+
+A run is invalid — it measured the generator, not the system — when the generator used more than 90 % of a core
+or, at a fixed rate, when its lag p99 (how late requests left against their intended send time) exceeds the
+bound (`--max-lag-ms`). Fixed-rate runs get enough users for their rate (`workload.users_for_rate`), their
+schedule starts only once every user is spawned, and their first `--warmup-s` seconds are left out. The exit
+code is 1 when any run failed its gate, crashed or was invalid.
 
 Usage:
     make serve && make loadtest
@@ -15,9 +21,11 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -26,8 +34,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.workload import REPO, children, fmt_pct, process_cpu_seconds, read_samples, summarize
-from serving.archive import VARIANTS
+from loadtest.workload import (
+    MAX_LAG_P99_MS,
+    REPO,
+    Gate,
+    children,
+    fmt_pct,
+    process_cpu_seconds,
+    read_samples,
+    summarize,
+    users_for_rate,
+)
+from serving.project import VARIANTS
 
 log = logging.getLogger("loadtest.run")
 
@@ -41,13 +59,20 @@ class LocustRun:
     protocol: str  # rest | grpc
     path: str  # direct | router
     rate: float = 0.0  # 0: step run (closed loop)
-    users: int = 64
-    duration_s: float = 10.0
+    users: int = 0  # fixed rate: 0 sizes them for the rate (users_for_rate)
+    duration_s: float = 10.0  # fixed rate: seconds measured, after the spawn and the warm-up
+    warmup_s: float = 1.0
+    processes: int = 1  # Locust processes (--processes); each sends rate / processes
+    max_lag_ms: float = MAX_LAG_P99_MS
     extra: list[str] = field(default_factory=list)
 
     @property
     def user_class(self) -> str:
         return "RestUser" if self.protocol == "rest" else "GrpcUser"
+
+    @property
+    def user_count(self) -> int:
+        return self.users or users_for_rate(self.rate)
 
 
 @dataclass
@@ -58,10 +83,11 @@ class Outcome:
     steps: list[dict[str, Any]]
     cpu: dict[str, float]
     wall_s: float
+    invalid: list[str] = field(default_factory=list)  # why the figures are the generator's, not the system's
 
     @property
     def valid(self) -> bool:
-        return self.cpu["generator"] <= GENERATOR_CPU_LIMIT
+        return not self.invalid
 
 
 def stack_pids(run_dir: Path, router_config: Path) -> dict[str, list[int]]:
@@ -88,34 +114,58 @@ def execute(run: LocustRun, out: Path, pids: dict[str, list[int]], step_s: float
                "--samples", str(folder / "samples"), "--target", run.path, "--variant", run.variant,
                "--stop-timeout", "10", *run.extra]
     if run.rate > 0:
-        command += ["-u", str(run.users), "-r", str(run.users), "-t", f"{run.duration_s:g}s", "--rate", str(run.rate)]
+        users = run.user_count
+        spawn_rate = max(users, 100)  # Locust warns above 100/s; the ramp is outside the schedule in any case
+        # The schedule starts once every user is spawned, so -t covers the spawn, the warm-up and the run.
+        run_time = math.ceil(users / spawn_rate + run.warmup_s + run.duration_s)  # Locust takes whole seconds
+        command += ["-u", str(users), "-r", str(spawn_rate), "-t", f"{run_time}s",
+                    "--rate", str(run.rate), "--warmup-s", str(run.warmup_s), "--max-lag-ms", str(run.max_lag_ms)]
+    if run.processes > 1:
+        command += ["--processes", str(run.processes)]
     command.append(run.user_class)
     env = {**os.environ, "LOADTEST_STEP_S": str(step_s), "LOADTEST_STEPS": steps}
     before = {role: sum(process_cpu_seconds(pid) for pid in group) for role, group in pids.items()}
     started = time.monotonic()
     with open(folder / "locust.log", "w") as output:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
-        generator_cpu = 0.0
+        generator_cpu: dict[int, float] = {}  # per process of the generator: its workers too, with --processes
         while process.poll() is None:  # sample the generator's CPU while it lives (its /proc goes with it)
-            generator_cpu = process_cpu_seconds(process.pid)
+            with contextlib.suppress(ProcessLookupError):  # it may end between the poll and the listing
+                for pid in [process.pid, *children(process.pid)]:
+                    generator_cpu[pid] = max(generator_cpu.get(pid, 0.0), process_cpu_seconds(pid))
             time.sleep(0.2)
     wall = time.monotonic() - started
     cpu = {role: (sum(process_cpu_seconds(pid) for pid in group) - before[role]) / wall
            for role, group in pids.items()}
-    cpu["generator"] = generator_cpu / wall
+    # The busiest process is what saturates first: each Locust process runs on one core at most.
+    cpu["generator"] = max(generator_cpu.values(), default=0.0) / wall
+    cpu["generator_total"] = sum(generator_cpu.values()) / wall
     samples = read_samples(sorted(folder.glob("samples.*.csv")))
     summary = summarize(samples)
     steps_summary = step_table(samples, step_s) if run.rate == 0 else []
-    outcome = Outcome(run, process.returncode, summary, steps_summary, cpu, wall)
+    outcome = Outcome(run, process.returncode, summary, steps_summary, cpu, wall,
+                      invalid_reasons(run, summary, cpu))
     (folder / "outcome.json").write_text(json.dumps({
-        "run": run.__dict__, "exit_code": outcome.exit_code, "valid": outcome.valid, "cpu": cpu,
-        "summary": summary, "steps": steps_summary}, indent=2))
+        "run": run.__dict__, "exit_code": outcome.exit_code, "valid": outcome.valid, "invalid": outcome.invalid,
+        "cpu": cpu, "summary": summary, "steps": steps_summary}, indent=2))
     total = summary.get("Aggregated", {})
-    log.info("%-28s %7.1f req/s  p50 %6.1f  p99 %6.1f ms  failures %d  cpu ts %.2f router %.2f gen %.2f%s",
-             run.name, total.get("throughput", 0), total.get("p50_ms") or 0, total.get("p99_ms") or 0,
+    lag = (f"  lag p50 {total['lag_p50_ms']:.2f} p99 {total['lag_p99_ms']:.2f} ms"
+           if total.get("lag_p99_ms") is not None else "")
+    log.info("%-28s %7.1f req/s  p50 %6.1f  p99 %6.1f ms%s  failures %d  cpu ts %.2f router %.2f gen %.2f%s",
+             run.name, total.get("throughput", 0), total.get("p50_ms") or 0, total.get("p99_ms") or 0, lag,
              total.get("failures", 0), cpu["torchserve"], cpu.get("router", 0), cpu["generator"],
-             "" if outcome.valid else "  INVALID (generator saturated)")
+             "" if outcome.valid else "  INVALID: " + "; ".join(outcome.invalid))
     return outcome
+
+
+def invalid_reasons(run: LocustRun, summary: dict[str, Any], cpu: dict[str, float]) -> list[str]:
+    """Judged on the merged samples of every generator process (each process also judges its own share)."""
+    reasons = Gate(max_lag_p99_ms=run.max_lag_ms).invalid(summary)
+    if cpu["generator"] > GENERATOR_CPU_LIMIT:
+        reasons.append(f"a generator process used {cpu['generator']:.2f} of a core")
+    if not summary:
+        reasons.append("no samples")
+    return reasons
 
 
 def step_table(samples: list[Any], step_s: float) -> list[dict[str, Any]]:
@@ -153,7 +203,7 @@ def plan(variants: list[str], rates: list[float], quick: bool) -> list[LocustRun
 def markdown(outcomes: list[Outcome], command: str, steps: list[int]) -> str:
     lines = [f"# Load test\n\n`{command}` — Locust {locust_version()}, one generator process on the same machine as "
              "the servers. Latency percentiles from every request (not Locust's rounded ones).\n",
-             "## Saturation (step runs: 1 → 64 users)\n",
+             f"## Saturation (step runs: {' → '.join(map(str, steps))} users)\n",
              "| variant | protocol | path | saturation req/s | at users | p50 ms | p99 ms | errors | accuracy "
              "| CPU TorchServe | CPU router | CPU generator | valid |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -167,23 +217,38 @@ def markdown(outcomes: list[Outcome], command: str, steps: list[int]) -> str:
                      f"{best['throughput']:.0f} | {users} | {best['p50_ms']:.1f} | {best['p99_ms']:.1f} | "
                      f"{total['failures']} | {fmt_pct(total['accuracy'])} | {outcome.cpu['torchserve']:.2f} | "
                      f"{outcome.cpu.get('router', 0):.2f} | {outcome.cpu['generator']:.2f} | "
-                     f"{'yes' if outcome.valid else 'no: generator saturated'} |")
+                     f"{verdict(outcome)} |")
     lines += ["", "## Fixed arrival rate (latency from each request's intended send time)\n",
-              "| variant | path | offered req/s | achieved req/s | p50 ms | p95 ms | p99 ms | max ms | errors | "
-              "accuracy | CPU generator | valid |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| variant | path | offered req/s | users × processes | achieved req/s | p50 ms | p95 ms | p99 ms | "
+              "max ms | errors | accuracy | generator lag p50 / p99 / max ms | no free user | CPU generator | valid |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for outcome in outcomes:
         if not outcome.run.rate:
             continue
-        total = outcome.summary["Aggregated"]
+        total = outcome.summary.get("Aggregated")
+        if total is None:
+            lines.append(f"| {outcome.run.variant} | {outcome.run.path} | {outcome.run.rate:g} | no samples |")
+            continue
         lines.append(f"| {outcome.run.variant} | {outcome.run.path} | {outcome.run.rate:g} | "
+                     f"{outcome.run.user_count} × {outcome.run.processes} | "
                      f"{total['throughput']:.0f} | {total['p50_ms']:.1f} | {total['p95_ms']:.1f} | "
                      f"{total['p99_ms']:.1f} | {total['max_ms']:.1f} | {total['failures']} | "
-                     f"{fmt_pct(total['accuracy'])} | {outcome.cpu['generator']:.2f} | "
-                     f"{'yes' if outcome.valid else 'no'} |")
-    lines += ["", "CPU: cores used on average over the run (2 = both cores). Plots: `latency_vs_throughput.png`, "
-              "`accuracy_p99_size.png`. Per-run Locust CSV/HTML and samples: the run folders.", ""]
+                     f"{fmt_pct(total['accuracy'])} | {total['lag_p50_ms']:.2f} / {total['lag_p99_ms']:.2f} / "
+                     f"{total['lag_max_ms']:.1f} | {fmt_pct(total['no_free_user_ratio'])} | "
+                     f"{outcome.cpu['generator']:.2f} | {verdict(outcome)} |")
+    lines += ["", "Generator lag: how late each request left against its intended send time (it is part of the "
+              "latency columns, which count from the intended time); a run whose lag p99 exceeds "
+              f"{outcomes[0].run.max_lag_ms if outcomes else MAX_LAG_P99_MS:g} ms is invalid. No free user: "
+              "requests whose slot had passed before a user was free to send them (too few users for the rate "
+              "and the latency). The schedule starts once every user is spawned; its warm-up is left out.",
+              "", "CPU: cores used on average over the run (2 = both cores; the generator: its busiest process). "
+              "Plots: `latency_vs_throughput.png`, `accuracy_p99_size.png`. Per-run Locust CSV/HTML and samples: "
+              "the run folders.", ""]
     return "\n".join(lines)
+
+
+def verdict(outcome: Outcome) -> str:
+    return "yes" if outcome.valid else "no: " + "; ".join(outcome.invalid)
 
 
 def locust_version() -> str:
@@ -195,12 +260,17 @@ def plot(outcomes: list[Outcome], out: Path, checkpoints: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    stepped = [outcome for outcome in outcomes if not outcome.run.rate and outcome.steps]
+    if stepped:
+        latency_against_throughput(stepped, out / "latency_vs_throughput.png")
+    accuracy_p99_size(outcomes, out / "accuracy_p99_size.png", checkpoints)
+
+
+def latency_against_throughput(outcomes: list[Outcome], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for outcome in outcomes:
-        if outcome.run.rate or not outcome.steps:
-            continue
         label = f"{outcome.run.variant} {outcome.run.protocol} {outcome.run.path}"
         x = [step["throughput"] for step in outcome.steps]
         axes[0].plot(x, [step["p50_ms"] for step in outcome.steps], marker="o", label=label)
@@ -210,11 +280,15 @@ def plot(outcomes: list[Outcome], out: Path, checkpoints: Path) -> None:
         axis.set_ylabel(f"{title} latency (ms)")
         axis.set_yscale("log")
         axis.grid(True, alpha=0.3)
-        axis.set_title(f"{title} latency against throughput (steps of 1 → 64 users)")
+        axis.set_title(f"{title} latency against throughput (step runs)")
     axes[1].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out / "latency_vs_throughput.png", dpi=120)
+    figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def accuracy_p99_size(outcomes: list[Outcome], path: Path, checkpoints: Path) -> None:
+    import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
     rate = max((o.run.rate for o in outcomes), default=0)
@@ -232,7 +306,7 @@ def plot(outcomes: list[Outcome], out: Path, checkpoints: Path) -> None:
     axis.set_title("accuracy against p99 latency; marker area ~ file size")
     axis.grid(True, alpha=0.3)
     figure.tight_layout()
-    figure.savefig(out / "accuracy_p99_size.png", dpi=120)
+    figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
@@ -243,6 +317,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--step-s", type=float, default=5.0)
     parser.add_argument("--steps", default="1,4,16,32,64")
     parser.add_argument("--quick", action="store_true", help="REST only")
+    parser.add_argument("--rate-s", type=float, default=10.0, help="seconds measured in each fixed-rate run")
+    parser.add_argument("--warmup-s", type=float, default=1.0, help="fixed rate: seconds left out after the spawn")
+    parser.add_argument("--processes", type=int, default=1, help="Locust processes of each fixed-rate run")
+    parser.add_argument("--users", type=int, default=0,
+                        help="users of each fixed-rate run (default: sized for its rate, workload.users_for_rate)")
+    parser.add_argument("--skip-steps", action="store_true", help="only the fixed-rate runs")
+    parser.add_argument("--max-lag-ms", type=float, default=MAX_LAG_P99_MS,
+                        help="a fixed-rate run whose generator lag p99 exceeds this is invalid")
     parser.add_argument("--output", type=Path, default=REPO / "reports" / "loadtest")
     parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "torchserve")
     parser.add_argument("--router-config", type=Path, default=REPO / "router" / "experiments.yaml")
@@ -257,7 +339,12 @@ def main(args: argparse.Namespace) -> int:
     extra = ["--run-dir", str(args.run_dir), "--router-config", str(args.router_config)]
     outcomes = []
     for run in plan(args.variants, args.rates, args.quick):
+        if args.skip_steps and not run.rate:
+            continue
         run.extra += extra
+        if run.rate:
+            run.duration_s, run.warmup_s, run.processes = args.rate_s, args.warmup_s, args.processes
+            run.max_lag_ms, run.users = args.max_lag_ms, args.users
         outcomes.append(execute(run, args.output, pids, args.step_s, args.steps))
     command = "python -m loadtest.run " + " ".join(sys.argv[1:])
     summary = markdown(outcomes, command.strip(), [int(users) for users in args.steps.split(",")])
@@ -265,9 +352,12 @@ def main(args: argparse.Namespace) -> int:
     plot(outcomes, args.output, args.checkpoints)
     print(summary)
     failed = [o.run.name for o in outcomes if o.exit_code != 0]
+    invalid = [o.run.name for o in outcomes if not o.valid]
     if failed:
-        log.error("runs that failed their gate or crashed: %s", ", ".join(failed))
-    return 1 if failed else 0
+        log.error("runs that failed their gate, crashed or were invalid: %s", ", ".join(failed))
+    if invalid:
+        log.error("invalid runs (the generator, not the system, set their figures): %s", ", ".join(invalid))
+    return 1 if failed or invalid else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,13 @@
 """Faults under bounded load, through the router: workers killed with SIGKILL, one arm's target taken away (its
-workers scaled to zero) and the arm removed from the experiment file, TorchServe stopped and started again. No
-request may be lost or answered wrongly: each gets the right label, or an explicit 503/504 with Retry-After —
-never a hang (every call has a timeout) and never a wrong answer. Recovery is timed."""
+workers scaled to zero) and the arm removed from the experiment file, TorchServe stopped and started again.
+
+What each fault may cost, decided per fault and asserted exactly:
+- a serving worker killed, an arm's target without workers, an arm removed: the experiment has another arm, so
+  every request gets the right label — the router retries a failed attempt once on another arm. Each test also
+  shows the fault bit (requests retried away from the faulty arm, or moved off it), or it would prove nothing.
+- TorchServe stopped: no arm can answer, so requests get an explicit 503/504 with Retry-After — only while it is
+  down (and for the circuit's reset time after it is back); every request before and after gets the right label.
+Never a hang (every call has a timeout), never a wrong answer. Recovery is timed."""
 
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ class Load:
     def __init__(self, live: Stack, bodies: list[tuple[bytes, dict[str, int]]], threads: int, count: int) -> None:
         self.live, self.bodies, self.threads, self.count = live, bodies, threads, count
         self.outcomes: list[tuple[float, str, str]] = []  # (time, "ok" | "wrong" | "503 (explicit)" | ..., arm)
+        self.retried_from: list[str] = []  # X-Retried-From of the answers a retry saved
         self.stop = threading.Event()  # ends the load early; `count` bounds it in any case
         self._lock = threading.Lock()
 
@@ -48,6 +55,9 @@ class Load:
                 if response.status_code == 200:
                     arm = response.headers["X-Arm"]
                     outcome = "ok" if response.json()["label"] == expected[arm] else "wrong"
+                    if "X-Retried-From" in response.headers:
+                        with self._lock:
+                            self.retried_from.append(response.headers["X-Retried-From"])
                 elif response.status_code in (503, 504) and "Retry-After" in response.headers:
                     outcome = f"{response.status_code} (explicit)"
                     time.sleep(0.1)  # a client honouring Retry-After would wait; this one only slows down
@@ -104,12 +114,16 @@ def test_workers_killed_under_load_lose_no_request(stack: Stack, bodies: Any,  #
                 pass
     pool.shutdown(wait=True)
     tally = counts(load.outcomes)
-    chaos_report.add("Faults under load", f"**Workers killed.** {len(kills)} SIGKILLs of a serving worker, "
-                     f"1.5 s apart, during {len(load.outcomes)} requests through the router (4 clients): "
-                     f"outcomes {tally}.")
+    rescued = load.retried_from.count("int8")
+    chaos_report.add("Faults under load", f"**Workers killed.** {len(kills)} SIGKILL(s) of `fashion-int8`'s "
+                     f"serving worker, 1.5 s apart, during {len(load.outcomes)} requests through the router "
+                     f"(experiment `{EXPERIMENT}`, 4 clients): outcomes {tally}; {rescued} of them failed on the "
+                     "killed worker and were answered by the other arm on the router's retry.")
+    # A killed worker takes longer than 1.5 s to come back, and TorchServe lists its pid until then: 1 to 3 kills.
     assert len(load.outcomes) == 4 * 60 and kills
-    assert set(tally) <= {"ok", "503 (explicit)", "504 (explicit)"}, tally  # nothing wrong, nothing unexplained
-    assert tally.get("ok", 0) >= 0.9 * len(load.outcomes)
+    # The other arm is healthy, so the router's one retry saves every request the kills hit.
+    assert tally == {"ok": 4 * 60}, tally
+    assert rescued >= 1, "no request was in flight on a killed worker: the fault was not exercised"
 
 
 def test_an_arm_whose_target_is_taken_away_under_load_loses_no_request(stack: Stack, bodies: Any,  # noqa: F811
@@ -140,9 +154,11 @@ def test_an_arm_whose_target_is_taken_away_under_load_loses_no_request(stack: St
                      f"requests through the router (experiment `{EXPERIMENT}`, arms pruned and int8): outcomes "
                      f"{tally}; while it was gone {during} (answered by {sorted(arms_during)}); the pruned arm "
                      f"answered again {back:.2f} s after its worker was back (the circuit's half-open probe).")
-    assert set(tally) <= {"ok", "503 (explicit)", "504 (explicit)"}, tally  # nothing wrong, nothing unexplained
-    assert tally.get("ok", 0) >= 0.95 * len(load.outcomes)
+    # The other arm is healthy: the requests routed to the missing one are retried on it, so every one is answered.
+    assert tally == {"ok": len(load.outcomes)}, tally
     assert arms_during == {"int8"}  # failed over: the other arm answered for the missing one
+    assert load.retried_from.count("pruned") >= 1  # the fault bit: requests did reach the arm without workers
+    assert back is not None
 
 
 def test_an_arm_removed_from_the_experiment_file_under_load_loses_no_request(
@@ -198,12 +214,22 @@ def test_torchserve_restart_under_load_recovers_with_its_state(stack: Stack, bod
     tally = counts(load.outcomes)
     recovered = first_ok_after(load.outcomes, started_at)
     assert recovered is not None, tally
+    # A request that was on its way when the stop began may fail: allow its timeout (connect_s) before the
+    # stop; after the start, the circuits may still be open for reset_s and a half-open probe may meet a
+    # worker that is not ready yet.
+    grace_s = 2.0
+    late = [(round(t - started_at, 2), outcome) for t, outcome, _ in load.outcomes
+            if outcome != "ok" and not stopped_at - grace_s < t < started_at + grace_s]
+    refused = sum(n for outcome, n in tally.items() if outcome != "ok")
     chaos_report.add("Faults under load", f"**TorchServe stopped and started.** {len(load.outcomes)} requests "
                      f"through the router (2 clients): outcomes {tally}; TorchServe down for "
                      f"{started_at - stopped_at:.1f} s (stop + start + workers ready); first correct answer "
-                     f"{recovered:.2f} s after it was ready. Versions, defaults and the router's experiments were "
-                     "the same afterwards.")
-    assert set(tally) <= {"ok", "503 (explicit)", "504 (explicit)"}, tally
+                     f"{recovered:.2f} s after it was ready; every refusal was explicit and fell while it was down "
+                     f"(± {grace_s:g} s). Versions, defaults and the router's experiments were the same afterwards.")
+    assert set(tally) <= {"ok", "503 (explicit)", "504 (explicit)"}, tally  # nothing wrong, nothing unexplained
+    assert refused >= 1, "no request met the stopped TorchServe: the fault was not exercised"
+    assert not late, f"refusals outside the time TorchServe was down: {late[:10]}"
+    assert tally["ok"] >= 1 and recovered < grace_s
     after_models = server.model_status(instance)
     assert after_models.keys() == before_models.keys()
     assert {key: value["default"] for key, value in after_models.items()} == \
