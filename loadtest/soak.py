@@ -285,6 +285,9 @@ def main(args: argparse.Namespace) -> int:
     except ServeError as error:  # no stack to soak: say so, without a traceback
         log.error("%s", error)
         return 2
+    except RuntimeError as error:  # the saturation probe failed or was invalid: a verdict, not a traceback
+        log.error("soak not run: %s", error)
+        return 1
     section = "## Soak of `make serve`'s stack\n\n" + result.markdown("`make serve`'s stack")
     (args.output / "soak.md").write_text(section + "\n")
     if args.append_to:

@@ -9,7 +9,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -250,10 +249,10 @@ def fmt_pct(value: float | None) -> str:
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process so far (0 if it is gone)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
+        times = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return float(times.user + times.system)
 
 
 def resident_mb(pid: int) -> float:

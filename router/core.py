@@ -13,7 +13,6 @@ import logging
 import os
 import random
 import time
-from collections.abc import Awaitable
 from typing import Any
 
 from router.catalog import Catalog
@@ -98,23 +97,17 @@ class Router:
                     self.metrics.retries.labels(name, arm.name).inc()
                     retried_from, arm = arm.name, retry
         except RouterError as error:  # every outcome is counted and logged, and names where it happened
-            logged = self._finish(request_id, name, arm, request.protocol, started, None, retried_from,
-                                  error.http_status)
             error.where = (request_id, name, arm.name, str(arm.target))
-            try:
-                await logged
-            except StoreError:  # the error is still the answer, but names no request id that has no row
-                error.where = None
+            if not await self._finish(request_id, name, arm, request.protocol, started, None, retried_from,
+                                      error.http_status):
+                error.where = None  # the error is still the answer, but names no request id that has no row
             raise
         label = label_of(reply.body) if reply.status == 200 else None
-        logged = self._finish(request_id, name, arm, request.protocol, started, reply, retried_from, label=label)
-        if experiment is not None and reply.status == 200:
+        if not await self._finish(request_id, name, arm, request.protocol, started, reply, retried_from, label=label):
+            raise UpstreamUnavailable("the request log could not record this request; it was not answered: retry",
+                                      retry_after_s=1)
+        if experiment is not None and reply.status == 200:  # after the answer is final: a copy never competes
             self.shadows.maybe_copy(request_id, experiment, label, request)
-        try:
-            await logged  # the row is committed before the answer leaves (router.store: durability)
-        except StoreError as error:
-            raise UpstreamUnavailable(f"the request log could not record this request ({error}); it was not "
-                                      "answered: retry", retry_after_s=1) from error
         return Routed(reply, request_id, name, arm.name, arm.target, retried_from)
 
     def _choose(self, request: InferenceRequest, experiment: Any) -> Arm:
@@ -150,15 +143,22 @@ class Router:
         self.circuits.succeeded(experiment, arm.name, arm.target)
         return reply
 
-    def _finish(self, request_id: str, experiment: str, arm: Arm, protocol: str, started: float,
-                reply: Reply | None, retried_from: str | None, failed_status: int = 503,
-                label: int | None = None) -> Awaitable[None]:
-        """Count and log one routed request; the awaitable resolves when its row is committed."""
+    async def _finish(self, request_id: str, experiment: str, arm: Arm, protocol: str, started: float,
+                      reply: Reply | None, retried_from: str | None, failed_status: int = 503,
+                      label: int | None = None) -> bool:
+        """Log one routed request, wait until its row is committed (router.store: durability), then count it with
+        the status its client gets. False if the row could not be committed (the client then gets a 503)."""
         elapsed = time.perf_counter() - started
         status = reply.status if reply is not None else failed_status
         ok = reply is not None and reply.status < 500
+        try:
+            await self.store.record(RequestRow(request_id, time.time(), experiment, arm.name, arm.target.model,
+                                               arm.target.version, protocol, status, ok, elapsed * 1000, label,
+                                               retried_from))
+            logged = True
+        except StoreError as error:
+            log.error("request %s not logged: %s", request_id, error)
+            status, logged = UpstreamUnavailable.http_status, False
         self.metrics.requests.labels(experiment, arm.name, protocol, str(status)).inc()
         self.metrics.duration.labels(experiment, arm.name, protocol).observe(elapsed)
-        return self.store.record(RequestRow(request_id, time.time(), experiment, arm.name, arm.target.model,
-                                            arm.target.version, protocol, status, ok, elapsed * 1000, label,
-                                            retried_from))
+        return logged

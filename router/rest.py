@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Feedback and admin bodies are a few hundred bytes of JSON: anything far larger is refused unread.
 MAX_JSON_BYTES = 64 * 1024
+# The work the in-flight limit bounds: inference and feedback. Probes, metrics and the admin API are never refused
+# by it, so an operator can see and steer an overloaded router.
+LIMITED_PATHS = ("/predictions/", "/feedback")
 
 
 def error_response(error: RouterError) -> web.Response:
@@ -54,6 +57,8 @@ def in_flight_limit(limit: int) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         nonlocal in_flight
+        if not request.path.startswith(LIMITED_PATHS):  # health, metrics and admin stay reachable under overload
+            return await handler(request)
         if in_flight >= limit:
             raise Overloaded(f"the router is working on its limit of {limit} requests; retry shortly",
                              retry_after_s=1)

@@ -132,7 +132,8 @@ class Feedback:
 @dataclass(frozen=True)
 class ArmSummary:
     """What the log says about one arm since a time: every attempt it got (a failed attempt retried on another
-    arm counts here as a request and an error), and the latency of its successful attempts."""
+    arm counts here as a request and an error), and the latency of its answers that were no client error (a 4xx
+    is the client's doing, not the arm's)."""
 
     requests: int
     errors: int
@@ -505,8 +506,9 @@ def summarize(path: Path, experiment: str, since: float, percentiles: tuple[floa
         tallies: dict[str, _Tally] = collections.defaultdict(_Tally)
         # One pass over the experiment's rows. Only answers that named a class can be right or wrong.
         for arm, model, version, retried_from, requests, errors, answered, feedback, correct in db.execute(
-                "SELECT r.arm, r.model, r.version, r.retried_from, count(*), total(r.ok = 0), total(r.ok), "
-                "count(f.label) FILTER (WHERE r.label IS NOT NULL), total(r.label = f.label) "
+                "SELECT r.arm, r.model, r.version, r.retried_from, count(*), total(r.ok = 0), "
+                "total(r.ok AND r.status < 400), count(f.label) FILTER (WHERE r.label IS NOT NULL), "
+                "total(r.label = f.label) "
                 "FROM requests r LEFT JOIN feedback f ON f.request_id = r.request_id "
                 "WHERE r.experiment = ? AND r.at >= ? GROUP BY r.arm, r.model, r.version, r.retried_from",
                 (experiment, since)):
@@ -536,7 +538,7 @@ def summarize(path: Path, experiment: str, since: float, percentiles: tuple[floa
 class _Tally:
     requests: int = 0
     errors: int = 0
-    answered: int = 0  # successful attempts: the latency percentiles' samples
+    answered: int = 0  # successful attempts that were no client error: the latency percentiles' samples
     feedback: int = 0
     correct: int = 0
     targets: set[str] = field(default_factory=set)
@@ -556,7 +558,7 @@ def _percentiles(db: sqlite3.Connection, experiment: str, since: float, answered
                 f"WITH wanted (arm, position) AS (VALUES {rows}) "
                 "SELECT ranked.arm, ranked.position, ranked.latency_ms FROM (SELECT arm, latency_ms, "
                 "row_number() OVER (PARTITION BY arm ORDER BY latency_ms) - 1 AS position FROM requests "
-                "WHERE experiment = ? AND at >= ? AND ok = 1) AS ranked "
+                "WHERE experiment = ? AND at >= ? AND ok = 1 AND status < 400) AS ranked "
                 "JOIN wanted ON wanted.arm = ranked.arm AND wanted.position = ranked.position",
                 [*(value for pair in wanted for value in pair), experiment, since]):
             values[(arm, position)] = latency

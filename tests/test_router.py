@@ -385,7 +385,11 @@ def test_requests_beyond_the_in_flight_limit_are_refused_not_queued(torchserve: 
     body = encode_image(test_images[0][5])
     try:
         with ThreadPoolExecutor(6) as pool:
-            rest = list(pool.map(lambda _: limited.predict("slow", body), range(6)))
+            futures = [pool.submit(limited.predict, "slow", body) for _ in range(6)]
+            time.sleep(0.1)  # two are waiting out the 300 ms batch window: the limit is full
+            health = requests.get(f"{limited.url}/healthz", timeout=10)
+            rest = [future.result() for future in futures]
+        assert health.status_code == 200  # probes, metrics and admin are never refused by the limit
         statuses = sorted(r.status_code for r in rest)
         assert statuses.count(200) >= 2 and statuses.count(503) >= 2, statuses
         refused = next(r for r in rest if r.status_code == 503)

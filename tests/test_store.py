@@ -330,7 +330,8 @@ def reference_report(path: Path, experiment: Experiment, since: float) -> dict[s
     """The report computed the straightforward way: every row into Python, NumPy's percentiles."""
     with contextlib.closing(sqlite3.connect(path)) as db:
         requests = db.execute(
-            "SELECT r.arm, r.ok, r.latency_ms, r.label, r.retried_from, r.model, r.version, f.label FROM requests r "
+            "SELECT r.arm, r.ok, r.latency_ms, r.label, r.retried_from, r.model, r.version, f.label, r.status "
+            "FROM requests r "
             "LEFT JOIN feedback f ON f.request_id = r.request_id WHERE r.experiment = ? AND r.at >= ?",
             (experiment.name, since)).fetchall()
         shadow_rows = db.execute("SELECT target, outcome, agree FROM shadow WHERE experiment = ? AND at >= ?",
@@ -343,12 +344,12 @@ def reference_report(path: Path, experiment: Experiment, since: float) -> dict[s
         return arms.setdefault(name, {"requests": 0, "errors": 0, "latencies": [], "feedback": 0, "correct": 0,
                                       "targets": set()})
 
-    for arm, ok, latency, predicted, retried_from, model, version, truth in requests:
+    for arm, ok, latency, predicted, retried_from, model, version, truth, status in requests:
         stats = arm_stats(arm)
         stats["requests"] += 1
         stats["errors"] += 0 if ok else 1
         stats["targets"].add(f"{model}/{version}" if version else model)
-        if ok:
+        if ok and status < 400:  # a client's bad request is no latency of the arm's
             stats["latencies"].append(latency)
         if retried_from:
             arm_stats(retried_from)["requests"] += 1

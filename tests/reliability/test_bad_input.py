@@ -23,6 +23,7 @@ Its table goes to the reliability report (`make chaos`: reports/reliability.md);
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import random
 import re
@@ -384,15 +385,16 @@ def send_in_batches(live: Watched, path: str, kind: Kind, good_body: bytes,
 
 def measured(live: Watched, path: str, kind: Kind, good_body: bytes,
              ) -> tuple[list[RestAnswer], RestAnswer, GrpcAnswer, Cost]:
-    """send_in_batches, again while over a bound (up to TRIES times), keeping the least cost seen."""
+    """send_in_batches, again while over a bound (up to TRIES times), keeping the first try within the bounds
+    (or, if none is, the one with the least handler time): every figure reported comes from one real try."""
     goods, answer, grpc_answer, cost = send_in_batches(live, path, kind, good_body)
     for attempt in range(2, TRIES + 1):
         if cost.within_bounds():
             break
         time.sleep(RETRY_PAUSE_S)  # let a burst of other work on the shared cores pass
         _, _, _, again = send_in_batches(live, path, kind, good_body)
-        cost = Cost(min(cost.handler_ms, again.handler_ms), min(cost.cpu_ms, again.cpu_ms),
-                    min(cost.peak_mb, again.peak_mb), min(cost.kept_mb, again.kept_mb), attempt)
+        if again.within_bounds() or again.handler_ms < cost.handler_ms:
+            cost = dataclasses.replace(again, tries=attempt)
     return goods, answer, grpc_answer, cost
 
 

@@ -16,9 +16,9 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import requests
 import yaml
@@ -101,8 +101,10 @@ def test_workers_killed_under_load_lose_no_request(stack: Stack, bodies: Any,  #
     load = Load(stack, bodies, threads=4, count=60)
     pool = load.run()
     kills = []
-    for _ in range(3):  # SIGKILL a serving worker every 1.5 s while the load runs
-        time.sleep(1.5)
+    for answered in (30, 120):  # SIGKILL a serving worker twice while the load runs (mid-load, not by the clock)
+        deadline = time.monotonic() + 30
+        while len(load.outcomes) < answered and time.monotonic() < deadline:
+            time.sleep(0.01)
         described = requests.get(f"{stack.torchserve.management_url}/models/fashion-int8",
                                  headers=stack.torchserve.headers("management"), timeout=10).json()
         pids = [worker["pid"] for worker in described[0]["workers"] if worker.get("pid")]
@@ -116,10 +118,10 @@ def test_workers_killed_under_load_lose_no_request(stack: Stack, bodies: Any,  #
     tally = counts(load.outcomes)
     rescued = load.retried_from.count("int8")
     chaos_report.add("Faults under load", f"**Workers killed.** {len(kills)} SIGKILL(s) of `fashion-int8`'s "
-                     f"serving worker, 1.5 s apart, during {len(load.outcomes)} requests through the router "
-                     f"(experiment `{EXPERIMENT}`, 4 clients): outcomes {tally}; {rescued} of them failed on the "
-                     "killed worker and were answered by the other arm on the router's retry.")
-    # A killed worker takes longer than 1.5 s to come back, and TorchServe lists its pid until then: 1 to 3 kills.
+                     f"serving worker, after 30 and 120 answers, during {len(load.outcomes)} requests through the "
+                     f"router (experiment `{EXPERIMENT}`, 4 clients): outcomes {tally}; {rescued} of them failed on "
+                     "the killed worker and were answered by the other arm on the router's retry.")
+    # A killed worker takes a while to come back, and TorchServe lists its pid until then: 1 or 2 kills.
     assert len(load.outcomes) == 4 * 60 and kills
     # The other arm is healthy, so the router's one retry saves every request the kills hit.
     assert tally == {"ok": 4 * 60}, tally
@@ -156,7 +158,9 @@ def test_an_arm_whose_target_is_taken_away_under_load_loses_no_request(stack: St
                      f"answered again {back:.2f} s after its worker was back (the circuit's half-open probe).")
     # The other arm is healthy: the requests routed to the missing one are retried on it, so every one is answered.
     assert tally == {"ok": len(load.outcomes)}, tally
-    assert arms_during == {"int8"}  # failed over: the other arm answered for the missing one
+    # Nothing was answered by the missing arm while it was gone. (The window may hold no answer at all: TorchServe
+    # can queue requests for a model scaled to 0 until its worker is back, and the clients wait on those.)
+    assert arms_during <= {"int8"}, arms_during
     assert load.retried_from.count("pruned") >= 1  # the fault bit: requests did reach the arm without workers
     assert back is not None
 
@@ -235,4 +239,4 @@ def test_torchserve_restart_under_load_recovers_with_its_state(stack: Stack, bod
     assert {key: value["default"] for key, value in after_models.items()} == \
         {key: value["default"] for key, value in before_models.items()}
     assert stack.describe() == before_router
-    assert Path(f"/proc/{server.running_pid(instance)}").exists() and children(server.running_pid(instance) or 0)
+    assert psutil.pid_exists(server.running_pid(instance) or 0) and children(server.running_pid(instance) or 0)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
-import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 import requests
 import yaml
@@ -45,36 +45,11 @@ def security_table(chaos_report: ChaosReport) -> Iterator[None]:
 
 
 
-def socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = fd.readlink().as_posix()
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    return inodes
-
-
 def listening_addresses(pids: list[int]) -> set[tuple[str, int]]:
-    """(address, port) of every TCP socket in LISTEN state owned by these processes (from /proc/net/tcp{,6})."""
-    owned = set().union(*(socket_inodes(pid) for pid in pids))
-    found = set()
-    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state != "0A" or inode not in owned:  # 0A: LISTEN
-                continue
-            address_hex, port_hex = local.split(":")
-            raw = bytes.fromhex(address_hex)
-            if family == socket.AF_INET:
-                address = socket.inet_ntop(family, raw[::-1])
-            else:  # four little-endian 32-bit words
-                address = socket.inet_ntop(family, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
-            found.add((address, int(port_hex, 16)))
-    return found
+    """(address, port) of every TCP socket in LISTEN state owned by these processes (psutil)."""
+    return {(connection.laddr.ip, connection.laddr.port) for pid in pids
+            for connection in psutil.Process(pid).net_connections(kind="tcp")
+            if connection.status == psutil.CONN_LISTEN}
 
 
 def test_nothing_listens_beyond_loopback(stack: Stack) -> None:  # noqa: F811 (the imported fixture)
@@ -92,7 +67,7 @@ def test_nothing_listens_beyond_loopback(stack: Stack) -> None:  # noqa: F811 (t
     outside = [(address, port) for address, port in listening if not is_loopback(address)]
     assert not outside, f"listening beyond loopback: {outside}"
     ROWS.append(("no listener beyond loopback", f"every TCP socket in LISTEN state of TorchServe's frontend, its "
-                 f"{len(workers)} workers and the router (/proc/net/tcp, tcp6)",
+                 f"{len(workers)} workers and the router (psutil)",
                  f"{len(listening)} listeners, all on {', '.join(sorted({a for a, _ in listening}))}"))
 
 
