@@ -40,7 +40,7 @@ from pathlib import Path
 import psutil
 
 from loadtest.run import LocustRun, Outcome, execute, stack_pids
-from loadtest.workload import MAX_LAG_P99_MS, REPO, children, fmt_pct, resident_mb
+from loadtest.workload import MAX_LAG_P99_MS, REPO, fmt_pct, model_workers, resident_mb
 from serving.server import ServeError
 
 log = logging.getLogger("loadtest.soak")
@@ -158,7 +158,7 @@ def stack_sampler(frontend: int, router: int) -> MemorySampler:
     """TorchServe's frontend, all its workers, the router: watched by pid, never looked up by name."""
     if not psutil.pid_exists(frontend) or not psutil.pid_exists(router):
         raise ProcessGone(f"frontend pid {frontend} or router pid {router} is not running")
-    return MemorySampler({"frontend": lambda: [frontend], "workers": lambda: children(frontend),
+    return MemorySampler({"frontend": lambda: [frontend], "workers": lambda: model_workers(frontend),
                           "router": lambda: [router]})
 
 

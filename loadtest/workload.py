@@ -271,3 +271,16 @@ def children(pid: int) -> list[int]:
         return [child.pid for child in psutil.Process(pid).children(recursive=True)]
     except psutil.NoSuchProcess as error:
         raise ProcessLookupError(f"no process {pid}: it has exited (or was never there)") from error
+
+
+def model_workers(frontend: int) -> list[int]:
+    """TorchServe's model workers under its frontend: its other children come and go on their own (the metrics
+    collector runs every minute), and must not read as a worker restart."""
+    workers = []
+    for pid in children(frontend):
+        try:
+            if any("model_service_worker" in part for part in psutil.Process(pid).cmdline()):
+                workers.append(pid)
+        except psutil.NoSuchProcess:  # a short-lived child that has just exited
+            continue
+    return workers
