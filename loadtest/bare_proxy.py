@@ -27,7 +27,7 @@ import requests
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
 from loadtest.router_overhead import CpuMeter, wrk
-from loadtest.workload import REPO, endpoint, test_items
+from loadtest.workload import REPO, endpoint, publish, test_items
 from serving.instance import free_ports
 
 log = logging.getLogger("loadtest.bare_proxy")
@@ -161,10 +161,7 @@ def main(args: argparse.Namespace) -> int:
         serve(args.port, args.upstream)
         return 0
     table = markdown(measure(args), args)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(table)
-    print(table)
+    publish(table, args.output)
     return 0
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import requests
 
-from loadtest.workload import REPO, Endpoint, endpoint, judge, test_items
+from loadtest.workload import REPO, Endpoint, endpoint, judge, publish, test_items
 from router.stats import percentile
 from serving import protos
 from serving.archive import VARIANTS
@@ -101,10 +101,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     table = markdown(measure(args.run_dir, args.variants, args.requests, args.warmup), args.requests, args.warmup)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(table)
-    print(table)
+    publish(table, args.output)
     return 0
 
 

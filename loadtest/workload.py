@@ -241,6 +241,14 @@ class Gate:
         return []
 
 
+def publish(table: str, output: Path | None) -> None:
+    """Print a measured table, and write it to `output` too when one is named (a script's --output)."""
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(table)
+    print(table)
+
+
 def fmt_pct(value: float | None) -> str:
     """A share as a percentage, or a dash where there is none (no answer named a true label)."""
     return "–" if value is None else f"{value:.2%}"

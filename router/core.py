@@ -17,7 +17,7 @@ from typing import Any
 
 from router.catalog import Catalog
 from router.circuits import Circuits
-from router.config import Arm, RouterConfig, Target
+from router.config import Arm, Experiment, RouterConfig, Target
 from router.control import Control
 from router.errors import BadRequest, Forbidden, RouterError, UpstreamTimeout, UpstreamUnavailable, quoted
 from router.evaluation import Evaluation
@@ -110,7 +110,7 @@ class Router:
             self.shadows.maybe_copy(request_id, experiment, label, request)
         return Routed(reply, request_id, name, arm.name, arm.target, retried_from)
 
-    def _choose(self, request: InferenceRequest, experiment: Any) -> Arm:
+    def _choose(self, request: InferenceRequest, experiment: Experiment) -> Arm:
         if request.version is not None:
             raise BadRequest(f"{request.name!r} is an experiment: it picks the version itself; pin an arm with the "
                              f"{self.config.override_header} header instead of a version in the path")

@@ -15,10 +15,10 @@ from typing import Protocol
 
 from router.config import Target
 from router.errors import WHERE_HEADERS
-from router.upstream import Reply
+from router.upstream import GRPC, REST, Reply
 
-REST = "rest"
-GRPC = "grpc"
+__all__ = ["GRPC", "REST", "InferenceRequest", "Routed", "Upstream", "label_of"]
+
 
 
 @dataclass(frozen=True)

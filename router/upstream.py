@@ -22,7 +22,7 @@ from serving.client import AsyncClient, AttemptFailed, Refused, Reply, Target, U
 if TYPE_CHECKING:  # router.request imports this module (Reply); at run time only the protocol name is needed
     from router.request import InferenceRequest
 
-GRPC = "grpc"  # router.request.GRPC
+REST, GRPC = "rest", "grpc"  # the protocols a routed request can come in (router.request)
 
 __all__ = ["AttemptFailed", "Reply", "TorchServeClient"]
 

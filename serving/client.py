@@ -341,6 +341,13 @@ class _Core:
             raise Unavailable(str(error), retry_after_s=error.retry_after_s) from error
 
     # --- errors -------------------------------------------------------------------------------------------------
+    def _translated(self, error: Unavailable | Refused) -> BaseException:
+        """What a client raises for a flow's error: the subclass's own terms (caused by it), or the error itself."""
+        translated = self._translate(error)
+        if translated is not error:
+            translated.__cause__ = error
+        return translated
+
     def _translate(self, error: Unavailable | Refused) -> Exception:
         """The exception to raise for `error`: itself here; a subclass may map it into its own hierarchy."""
         return error
@@ -373,10 +380,7 @@ class Client(_Core):
             result: T = done.value
             return result
         except (Unavailable, Refused) as error:
-            translated = self._translate(error)
-            if translated is error:
-                raise
-            raise translated from error
+            raise self._translated(error)  # noqa: B904 (the cause is set there, unless it is the error itself)
 
     def predict_rest(self, target: ModelVersion, body: bytes, content_type: str,
                      timeout_s: float | None = None) -> Reply:
@@ -445,10 +449,7 @@ class AsyncClient(_Core):
             result: T = done.value
             return result
         except (Unavailable, Refused) as error:
-            translated = self._translate(error)
-            if translated is error:
-                raise
-            raise translated from error
+            raise self._translated(error)  # noqa: B904 (the cause is set there, unless it is the error itself)
 
     async def predict_rest(self, target: ModelVersion, body: bytes, content_type: str,
                            timeout_s: float | None = None) -> Reply:
