@@ -37,7 +37,7 @@ ROUTER_CONFIG ?= router/experiments.yaml
 SOAK_S        ?= 300
 MARS := $(foreach v,full pruned int8 distilled,model_store/fashion-$(v)-v$(VERSION).mar)
 
-.PHONY: help install data train report archive serve stop status loadtest bench chaos test lint clean distclean
+.PHONY: help install data train report archive serve cluster stop status loadtest bench chaos test lint clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -94,8 +94,13 @@ serve: $(STAMP) | $(VARIANTS)  ## install, data, train if missing, archive, star
 	$(PY) -m serving --run-dir $(RUN_DIR) start
 	$(PY) -m router --config $(ROUTER_CONFIG) start
 
-stop:  ## stop the router and the TorchServe that `make serve` started
-	@if [ -x $(PY) ]; then $(PY) -m router --config $(ROUTER_CONFIG) stop; $(PY) -m serving --run-dir $(RUN_DIR) stop; fi
+cluster: $(STAMP) | $(VARIANTS)  ## (root) PostgreSQL, 2 TorchServe hosts in network namespaces, 2 router replicas, Locust master + 2 workers: a fault rehearsal, reports/cluster.md
+	$(MAKE) --no-print-directory archive
+	$(PY) -m loadtest.rehearsal
+
+stop:  ## stop what `make serve` and `make cluster` started
+	@if [ -x $(PY) ]; then $(PY) -m router --config $(ROUTER_CONFIG) stop; $(PY) -m serving --run-dir $(RUN_DIR) stop; \
+		if [ -e runs/cluster ]; then $(PY) -m serving.cluster down; fi; fi
 
 status: $(STAMP)  ## models, versions, ready workers; the router's experiments
 	$(PY) -m serving --run-dir $(RUN_DIR) status

@@ -62,7 +62,7 @@ class LocustRun:
     users: int = 0  # fixed rate: 0 sizes them for the rate (users_for_rate)
     duration_s: float = 10.0  # fixed rate: seconds measured, after the spawn and the warm-up
     warmup_s: float = 1.0
-    processes: int = 1  # Locust processes (--processes); each sends rate / processes
+    processes: int = 1  # Locust worker processes (--processes); each sends rate / processes, the master merges
     max_lag_ms: float = MAX_LAG_P99_MS
     extra: list[str] = field(default_factory=list)
 
@@ -140,6 +140,7 @@ def execute(run: LocustRun, out: Path, pids: dict[str, list[int]], step_s: float
     # The busiest process is what saturates first: each Locust process runs on one core at most.
     cpu["generator"] = max(generator_cpu.values(), default=0.0) / wall
     cpu["generator_total"] = sum(generator_cpu.values()) / wall
+    # one file: the single process's, or with --processes the master's merge of every worker's samples
     samples = read_samples(sorted(folder.glob("samples.*.csv")))
     summary = summarize(samples)
     steps_summary = step_table(samples, step_s) if run.rate == 0 else []
@@ -159,7 +160,8 @@ def execute(run: LocustRun, out: Path, pids: dict[str, list[int]], step_s: float
 
 
 def invalid_reasons(run: LocustRun, summary: dict[str, Any], cpu: dict[str, float]) -> list[str]:
-    """Judged on the merged samples of every generator process (each process also judges its own share)."""
+    """The run's own verdict (its exit code) is Locust's, on every sample of the run; this adds the CPU of the
+    generator's busiest process, measured from outside, and says why a run is invalid in the report."""
     reasons = Gate(max_lag_p99_ms=run.max_lag_ms).invalid(summary)
     if cpu["generator"] > GENERATOR_CPU_LIMIT:
         reasons.append(f"a generator process used {cpu['generator']:.2f} of a core")

@@ -24,9 +24,10 @@ import requests
 from router import app, process
 from router.config import check_targets, load_config
 from router.errors import RouterError
+from router.hosts import TorchServeHosts
 from router.report import build_report, to_markdown
+from router.store import StoreError
 from router.tokens import load_tokens
-from router.upstream import TorchServeClient
 
 DEFAULT_CONFIG = Path("router/experiments.yaml")
 
@@ -54,12 +55,12 @@ def _check(config_path: Path) -> None:
     config = load_config(config_path)
 
     async def targets() -> None:
-        client = TorchServeClient(config.torchserve, config.timeouts)
-        await client.open()
+        hosts = TorchServeHosts(config.torchserve, config.timeouts, config.circuit_breaker)
+        await hosts.open()
         try:
-            check_targets(config, await client.served_models())
+            check_targets(config, await hosts.served_models())
         finally:
-            await client.close()
+            await hosts.close()
 
     asyncio.run(targets())
     print(f"{config_path}: valid; every target is served by TorchServe")
@@ -96,10 +97,10 @@ def main(args: argparse.Namespace) -> int:
                 if name not in config.experiments:
                     log.error("no experiment %r in %s", name, args.config)
                     return 1
-                report = build_report(config.database, config.experiments[name], since)
+                report = build_report(config, config.experiments[name], since)
                 print(json.dumps(report, indent=2) if args.json else to_markdown(report))
             return 0
-    except (RouterError, process.LaunchError, requests.RequestException, OSError) as error:
+    except (RouterError, StoreError, process.LaunchError, requests.RequestException, OSError) as error:
         log.error("%s", error)
         return 1
     return 1

@@ -19,10 +19,11 @@ from router import grpc_service
 from router.config import RouterConfig, load_config
 from router.core import Router
 from router.errors import RouterError, UpstreamUnavailable
+from router.hosts import TorchServeHosts
+from router.metrics import Metrics
 from router.rest import RestFrontEnd
-from router.store import Store
+from router.store import StoreError, open_store
 from router.tokens import load_tokens
-from router.upstream import TorchServeClient
 
 log = logging.getLogger(__name__)
 
@@ -36,36 +37,42 @@ async def wait_for_targets(router: Router, config: RouterConfig, timeout_s: floa
             return
         except (UpstreamUnavailable, OSError) as error:
             if time.monotonic() > deadline:
-                raise UpstreamUnavailable(f"TorchServe's management API at {config.torchserve.management_url} "
-                                          f"did not answer within {timeout_s:g} s: {error}") from error
+                raise UpstreamUnavailable(f"no TorchServe host's management API answered within {timeout_s:g} s: "
+                                          f"{error}") from error
             await asyncio.sleep(1.0)
 
 
 async def serve(config_path: Path, wait_s: float = 60.0) -> None:
     config = load_config(config_path)
     tokens = load_tokens(config.tokens_file)
-    client = TorchServeClient(config.torchserve, config.timeouts)
-    await client.open()
-    store = Store(config.database, config.request_log)
-    router = Router(config, client, store)
-    router.metrics.count_log_drops(store.dropped)
+    metrics = Metrics()
+    store = open_store(config)  # first: a database that cannot be reached fails the start before anything opens
+    client = TorchServeHosts(config.torchserve, config.timeouts, config.circuit_breaker, metrics)
+    router: Router | None = None
     runner: web.AppRunner | None = None
     grpc_server: grpc.aio.Server | None = None
     tasks: list[asyncio.Task[None]] = []
     try:
+        await client.open()
+        router = Router(config, client, store, metrics)
+        metrics.watch_store(store)
+        # Followed from the start: a Service's addresses may appear only after the router has started.
+        tasks.append(asyncio.create_task(client.resolve_forever()))
         await wait_for_targets(router, config, wait_s)
         runner = web.AppRunner(RestFrontEnd(router, tokens).app(), access_log=None, handle_signals=False)
         await runner.setup()
-        await web.TCPSite(runner, config.listen.host, config.listen.rest_port, backlog=1024).start()
+        await web.TCPSite(runner, config.listen.host, config.listen.rest_port, backlog=1024,
+                          reuse_port=config.listen.reuse_port).start()
         grpc_server = grpc_service.server(config, router, tokens)
         if grpc_server.add_insecure_port(f"{config.listen.host}:{config.listen.grpc_port}") == 0:
             raise OSError(f"cannot listen on {config.listen.host}:{config.listen.grpc_port} (gRPC)")
         await grpc_server.start()
-        tasks = [asyncio.create_task(coroutine) for coroutine in (
-            router.control.watch_config(), router.guardrail.run_forever(), client.renew_keys_forever())]
-        log.info("router listening on http://%s:%d (REST) and %s:%d (gRPC); experiments: %s; TorchServe %s",
-                 config.listen.host, config.listen.rest_port, config.listen.host, config.listen.grpc_port,
-                 ", ".join(config.experiments), config.torchserve.inference_url)
+        tasks += [asyncio.create_task(coroutine) for coroutine in (
+            router.control.watch_config(), router.control.follow_store(), router.guardrail.run_forever(),
+            client.renew_keys_forever())]
+        log.info("router listening on http://%s:%d (REST) and %s:%d (gRPC); experiments: %s; TorchServe hosts: %s; "
+                 "store: %s", config.listen.host, config.listen.rest_port, config.listen.host, config.listen.grpc_port,
+                 ", ".join(config.experiments), ", ".join(client.hosts) or "none yet", config.store.backend)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -79,8 +86,9 @@ async def serve(config_path: Path, wait_s: float = 60.0) -> None:
             await grpc_server.stop(grace=5)
         if runner is not None:
             await runner.cleanup()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(router.shadows.drain(), timeout=config.timeouts.shadow_s)
+        if router is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(router.shadows.drain(), timeout=config.timeouts.shadow_s)
         await client.close()
         store.close()
         log.info("router stopped")
@@ -94,7 +102,7 @@ def run(config_path: Path, wait_s: float = 60.0) -> int:
     except RouterError as error:
         log.error("%s", error.message)
         return 1
-    except OSError as error:
+    except (OSError, StoreError) as error:  # a port taken, the request log's database unreachable
         log.error("cannot start the router: %s", error)
         return 1
     return 0

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
+import os
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -22,6 +25,11 @@ from router.errors import ConfigError
 from serving.client import Target  # one TorchServe model version; version None: its default
 
 LOOPBACK = "127.0.0.1"
+# The environment overrides two settings per process, so replicas can share one experiment file: each its own
+# state directory (pid file, logs), all of them one database (its URL carries a password: a Secret, not a file).
+STATE_DIR_ENV = "ROUTER_STATE_DIR"
+DATABASE_URL_ENV = "ROUTER_DATABASE_URL"
+SQLITE, POSTGRESQL = "sqlite", "postgresql"
 
 
 @dataclass(frozen=True)
@@ -70,11 +78,45 @@ class Experiment:
 
 
 @dataclass(frozen=True)
-class TorchServe:
+class Host:
+    """One TorchServe host (a `serving.client.Endpoints`). `key_file` None: that TorchServe runs with token
+    authorization off, reachable only by the router (README, threat model)."""
+
     inference_url: str = f"http://{LOOPBACK}:8080"
     management_url: str = f"http://{LOOPBACK}:8081"
     grpc_target: str = f"{LOOPBACK}:7070"
-    key_file: Path = Path("runs/torchserve/key_file.json")
+    key_file: Path | None = Path("runs/torchserve/key_file.json")
+
+    @property
+    def name(self) -> str:
+        """host:port of its inference API: the host's label in metrics, logs and the admin API."""
+        return urlsplit(self.inference_url).netloc
+
+
+@dataclass(frozen=True)
+class Resolve:
+    """A DNS name whose addresses are the TorchServe hosts (a Kubernetes headless Service, say), looked up again
+    every `every_s`. Hosts found this way run with token authorization off: their key files are out of reach."""
+
+    name: str
+    inference_port: int = 8080
+    management_port: int = 8081
+    grpc_port: int = 7070
+    every_s: float = 10.0
+
+    def host(self, address: str) -> Host:
+        literal = f"[{address}]" if ":" in address else address  # an IPv6 address in a URL
+        return Host(f"http://{literal}:{self.inference_port}", f"http://{literal}:{self.management_port}",
+                    f"{literal}:{self.grpc_port}", None)
+
+
+@dataclass(frozen=True)
+class TorchServe:
+    """The TorchServe hosts every arm is served by: each serves the same model store (replicas), so any of them
+    can answer any target. A fixed list, or the addresses a DNS name resolves to."""
+
+    hosts: tuple[Host, ...] = (Host(),)
+    resolve: Resolve | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +124,9 @@ class Listen:
     host: str = LOOPBACK
     rest_port: int = 8090
     grpc_port: int = 7090
+    # Several replicas on one machine share the ports (SO_REUSEPORT: the kernel spreads connections over them,
+    # and a replica that dies leaves the others listening); off, a second router on the same ports fails to start.
+    reuse_port: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,6 +154,23 @@ class RequestLog:
 
 
 @dataclass(frozen=True)
+class StoreSettings:
+    """Where the request log, feedback and runtime overrides live: SQLite in `state_dir` (one router process,
+    the default) or a PostgreSQL server that every replica shares. The PostgreSQL URL comes from `url`, else
+    from the environment variable `url_env` (the way to pass a password)."""
+
+    backend: str = SQLITE
+    url: str | None = None
+    url_env: str = DATABASE_URL_ENV
+
+    def database_url(self) -> str:
+        url = self.url or os.environ.get(self.url_env, "")
+        if not url:
+            raise ConfigError(f"store: backend {POSTGRESQL} needs a url, or the environment variable {self.url_env}")
+        return url
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     experiments: dict[str, Experiment]
     torchserve: TorchServe = field(default_factory=TorchServe)
@@ -119,6 +181,8 @@ class RouterConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     circuit_breaker: CircuitBreakerSettings = field(default_factory=CircuitBreakerSettings)
     request_log: RequestLog = field(default_factory=RequestLog)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    tokens_path: Path | None = None  # default: <state_dir>/tokens.json; replicas name one shared file
     # TorchServe's default max_request_size: the router refuses nothing that TorchServe would accept
     max_body_bytes: int = 6_553_500
     max_shadow_in_flight: int = 32
@@ -126,7 +190,10 @@ class RouterConfig:
     # RESOURCE_EXHAUSTED at once instead of queueing in memory (see docs/router.md for how it was sized).
     max_in_flight: int = 256
     source: Path | None = None  # the file this was read from, for reloads
-    digest: str = ""  # sha256 of that file's bytes: tells whether runtime overrides still apply to it
+    digest: str = ""  # sha256 of that file's bytes: tells whether the file changed (reloads)
+    # sha256 of the experiments as parsed: runtime overrides apply to these experiments only. Replicas whose
+    # files differ elsewhere (their ports, say) share their overrides through the store.
+    experiments_digest: str = ""
 
     @property
     def database(self) -> Path:
@@ -134,7 +201,7 @@ class RouterConfig:
 
     @property
     def tokens_file(self) -> Path:
-        return self.state_dir / "tokens.json"
+        return self.tokens_path or self.state_dir / "tokens.json"
 
     def targets(self) -> set[Target]:
         targets = {arm.target for experiment in self.experiments.values() for arm in experiment.arms}
@@ -228,6 +295,10 @@ def _section(document: dict[str, Any], key: str, cls: type, fields: dict[str, ty
             values[name] = int(_number(f"{key}.{name}", spec[name], minimum=1, inclusive=True))
         elif kind is Path:
             values[name] = Path(str(spec[name]))
+        elif kind is bool:
+            if not isinstance(spec[name], bool):
+                raise ConfigError(f"{key}.{name}: must be true or false, got {spec[name]!r}")
+            values[name] = spec[name]
         else:
             values[name] = str(spec[name])
     return cls(**values)
@@ -245,10 +316,63 @@ def _request_log(document: dict[str, Any]) -> RequestLog:
                                 minimum=1, inclusive=True)))
 
 
+HOST_FIELDS = {"inference_url": str, "management_url": str, "grpc_target": str, "key_file": Path}
+
+
+def _host(where: str, spec: Any, required: Collection[str] = ()) -> Host:
+    spec = _check_keys(where, spec, set(HOST_FIELDS), required)
+    for key in ("inference_url", "management_url"):
+        if key in spec and urlsplit(str(spec[key])).scheme not in ("http", "https"):
+            raise ConfigError(f"{where}.{key}: must be an http(s) URL, got {spec[key]!r}")
+    key_file = spec.get("key_file", Host.key_file)
+    return Host(**{key: str(spec[key]) for key in ("inference_url", "management_url", "grpc_target") if key in spec},
+                key_file=None if key_file is None else Path(str(key_file)))
+
+
+def _torchserve(document: dict[str, Any]) -> TorchServe:
+    """One host (its fields right under `torchserve`), a list of them (`hosts`), or a DNS name (`resolve`)."""
+    spec = _check_keys("torchserve", document.get("torchserve") or {}, {"hosts", "resolve", *HOST_FIELDS})
+    forms = [form for form in ("hosts", "resolve") if form in spec] + sorted(set(spec) & set(HOST_FIELDS))[:1]
+    if len(forms) > 1:
+        raise ConfigError(f"torchserve: give a single host's fields, hosts or resolve, not {' and '.join(forms)}")
+    if "resolve" in spec:
+        where = "torchserve.resolve"
+        r = _check_keys(where, spec["resolve"], {"name", "inference_port", "management_port", "grpc_port", "every_s"},
+                        {"name"})
+        ports = {key: int(_number(f"{where}.{key}", r[key], minimum=1, inclusive=True, maximum=65535))
+                 for key in ("inference_port", "management_port", "grpc_port") if key in r}
+        every_s = _number(f"{where}.every_s", r.get("every_s", Resolve.every_s))
+        return TorchServe(hosts=(), resolve=Resolve(_name(f"{where}.name", r["name"]), every_s=every_s, **ports))
+    if "hosts" in spec:
+        if not isinstance(spec["hosts"], list) or not spec["hosts"]:
+            raise ConfigError("torchserve.hosts: needs a list of at least one host")
+        # Every field, key_file included (a path, or null for a host whose token authorization is off): a host
+        # left half-described would silently get the defaults of a TorchServe on this machine.
+        hosts = tuple(_host(f"torchserve.hosts[{index}]", host, HOST_FIELDS)
+                      for index, host in enumerate(spec["hosts"]))
+        names = [host.name for host in hosts]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"torchserve.hosts: a host is listed twice ({', '.join(names)})")
+        return TorchServe(hosts=hosts)
+    return TorchServe(hosts=(_host("torchserve", spec),))
+
+
+def _store(document: dict[str, Any]) -> StoreSettings:
+    spec = _check_keys("store", document.get("store") or {}, {"backend", "url", "url_env"})
+    backend = spec.get("backend", SQLITE)
+    if backend not in (SQLITE, POSTGRESQL):
+        raise ConfigError(f"store.backend: must be {SQLITE} or {POSTGRESQL}, got {backend!r}")
+    if backend == SQLITE and "url" in spec:
+        raise ConfigError(f"store.url: the {SQLITE} store lives in state_dir; a url is for {POSTGRESQL}")
+    return StoreSettings(backend, None if spec.get("url") is None else str(spec["url"]),
+                         _name("store.url_env", spec.get("url_env", DATABASE_URL_ENV)))
+
+
 def parse_config(document: Any, source: Path | None = None, digest: str = "") -> RouterConfig:
     document = _check_keys("config", document, {
         "experiments", "torchserve", "listen", "state_dir", "headers", "timeouts", "circuit_breaker",
-        "max_body_bytes", "max_shadow_in_flight", "max_in_flight", "request_log"}, {"experiments"})
+        "max_body_bytes", "max_shadow_in_flight", "max_in_flight", "request_log", "store", "tokens_file"},
+        {"experiments"})
     experiments_spec = document["experiments"]
     if not isinstance(experiments_spec, dict) or not experiments_spec:
         raise ConfigError("experiments: needs at least one experiment")
@@ -256,15 +380,17 @@ def parse_config(document: Any, source: Path | None = None, digest: str = "") ->
     headers = _check_keys("headers", document.get("headers") or {}, {"sticky", "override"})
     config = RouterConfig(
         experiments=experiments,
-        torchserve=_section(document, "torchserve", TorchServe, {"inference_url": str, "management_url": str,
-                                                                   "grpc_target": str, "key_file": Path}),
-        listen=_section(document, "listen", Listen, {"host": str, "rest_port": int, "grpc_port": int}),
+        torchserve=_torchserve(document),
+        listen=_section(document, "listen", Listen, {"host": str, "rest_port": int, "grpc_port": int,
+                                                     "reuse_port": bool}),
         timeouts=_section(document, "timeouts", Timeouts, {"connect_s": float, "request_s": float,
                                                              "shadow_s": float}),
         circuit_breaker=_section(document, "circuit_breaker", CircuitBreakerSettings,
                                  {"failures": int, "reset_s": float}),
         request_log=_request_log(document),
-        state_dir=Path(str(document.get("state_dir", "runs/router"))),
+        store=_store(document),
+        state_dir=Path(os.environ.get(STATE_DIR_ENV) or str(document.get("state_dir", "runs/router"))),
+        tokens_path=None if document.get("tokens_file") is None else Path(str(document["tokens_file"])),
         sticky_header=_name("headers.sticky", headers.get("sticky", "X-User-Id")),
         override_header=_name("headers.override", headers.get("override", "X-Arm")),
         max_body_bytes=int(_number("max_body_bytes", document.get("max_body_bytes", RouterConfig.max_body_bytes),
@@ -275,6 +401,8 @@ def parse_config(document: Any, source: Path | None = None, digest: str = "") ->
                                   minimum=1, inclusive=True)),
         source=source,
         digest=digest,
+        experiments_digest=hashlib.sha256(json.dumps(experiments_spec, sort_keys=True, default=str).encode())
+        .hexdigest(),
     )
     if config.sticky_header.lower() == config.override_header.lower():
         raise ConfigError("headers: the sticky and override headers must differ")

@@ -17,11 +17,13 @@ from router.catalog import Catalog
 from router.config import Experiment, RouterConfig, load_config, with_weights
 from router.errors import ConfigError, NotFound, RouterError, quoted
 from router.metrics import Metrics
-from router.store import Override, Store
+from router.store import ROLLBACK, Override, Store
 
 log = logging.getLogger(__name__)
 
-ROLLBACK = "rollback"
+# How often a replica reads the overrides the others may have made in the shared store: a weight change,
+# reset or rollback made on one replica holds on all of them within about this long.
+FOLLOW_STORE_S = 0.5
 # Called after every change with the new configuration and the experiment that changed (None: all of them).
 Listener = Callable[[RouterConfig, str | None], None]
 
@@ -39,7 +41,7 @@ class Control:
         # Reloads, admin changes and rollbacks each await the store between reading and replacing the state:
         # one at a time, so none installs an override built for a config another has just replaced.
         self._changes = asyncio.Lock()
-        self._apply(config, store.overrides(config.digest), None)
+        self._apply(config, store.overrides(config.experiments_digest), None)
 
     def experiment(self, name: str) -> Experiment | None:
         """The experiment as it routes now: the file's arms with any runtime override of their weights."""
@@ -50,7 +52,7 @@ class Control:
 
     def rolled_back(self, name: str) -> bool:
         override = self.overrides.get(name)
-        return override is not None and override.reason.startswith(ROLLBACK)
+        return override is not None and override.rollback
 
     def drained(self, name: str, arm: str) -> bool:
         """Whether the experiment sends an arm no traffic now (weight 0: drained by an admin or rolled back)."""
@@ -80,8 +82,15 @@ class Control:
             if config.digest == self.config.digest:
                 return False
             await self.catalog.validate(config)
-            await self.store.clear_overrides()  # the edited file is the operator's new decision
-            self._apply(config, {}, None)
+            if config.experiments_digest == self.config.experiments_digest:
+                overrides = self.overrides  # only other settings changed: the weights in force stay
+            else:
+                # Edited experiments are the operator's new decision: overrides of older versions go (they would
+                # come back if the file were edited back). Other replicas that reloaded first may already have
+                # made overrides for this version: those stand.
+                await self.store.clear_overrides(except_digest=config.experiments_digest)
+                overrides = await asyncio.to_thread(self.store.overrides, config.experiments_digest)
+            self._apply(config, overrides, None)
         for name, experiment in config.experiments.items():
             weights = ", ".join(f"{arm.name}={arm.weight:g}" for arm in experiment.arms)
             self.store.event(name, reason, f"experiment file applied: {weights}")
@@ -109,6 +118,31 @@ class Control:
                     log.error("experiment file not applied, keeping the running experiments: %s", message)
                     self._last_reload_error = message
 
+    async def follow_store(self, period_s: float = FOLLOW_STORE_S) -> None:
+        """Apply the overrides other router replicas made (weight changes, resets, guardrail rollbacks) in the
+        store they share. With one router the store holds exactly what this one made, and nothing changes."""
+        failing = False
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                # Read under the lock: an override this replica is making cannot be undone by an older read.
+                async with self._changes:
+                    stored = await asyncio.to_thread(self.store.overrides, self.config.experiments_digest)
+                    stored = {name: o for name, o in stored.items() if name in self.config.experiments}
+                    changed = sorted(name for name in {*stored, *self.overrides}
+                                     if _decision(stored.get(name)) != _decision(self.overrides.get(name)))
+                    if changed:
+                        self._apply(self.config, stored, changed[0] if len(changed) == 1 else None)
+                for name in changed:
+                    override = stored.get(name)
+                    log.warning("experiment %s: %s (made by another replica)", name, "weights back to the file"
+                                if override is None else f"weights {override.weights} ({override.reason})")
+                failing = False
+            except Exception as error:  # the database may be restarting: keep routing as we are, say so once
+                if not failing:
+                    log.error("could not read the shared overrides, keeping the current weights: %s", error)
+                failing = True
+
     # --- runtime overrides --------------------------------------------------------------------------------------
     def _existing(self, name: str) -> Experiment:
         experiment = self.experiment(name)
@@ -120,7 +154,7 @@ class Control:
         reason = " ".join(reason.split())  # one line in the log and the report, whatever the client sent
         async with self._changes:
             changed = with_weights(self._existing(name), weights)  # validates
-            await self.store.set_override(name, changed.weights, reason, self.config.digest)
+            await self.store.set_override(name, changed.weights, reason, self.config.experiments_digest)
             self.overrides[name] = Override(changed.weights, reason, time.time())
             self._apply(self.config, self.overrides, name)
         detail = ", ".join(f"{arm}={weight:g}" for arm, weight in changed.weights.items())
@@ -160,3 +194,8 @@ class Control:
                 "rolled_back": self.rolled_back(name),
             }
         return {"experiments": described, "config": str(self.config.source), "digest": self.config.digest}
+
+
+def _decision(override: Override | None) -> tuple[dict[str, float], str] | None:
+    """What an override decides (not when it was stored: each process stamps its own time)."""
+    return None if override is None else (override.weights, override.reason)

@@ -62,7 +62,7 @@ class Router:
         return self.control.config
 
     def describe(self) -> dict[str, Any]:
-        return self.control.describe(self.circuits.state)
+        return {**self.control.describe(self.circuits.state), "hosts": self.client.describe()}
 
     async def route(self, request: InferenceRequest) -> Routed:
         started = time.perf_counter()
@@ -130,7 +130,7 @@ class Router:
         started = time.perf_counter()
         self.circuits.attempt(arm.target)
         try:
-            reply = await self.client.infer(arm.target, request, request.timeout_s(self.config.timeouts.request_s))
+            reply = await self.client.infer(arm.target, request, self.config.timeouts.request_s)
         except AttemptFailed as failure:
             self.metrics.upstream_failures.labels(experiment, arm.name, failure.kind).inc()
             self.guardrail.failed(experiment, arm.name, (time.perf_counter() - started) * 1000)

@@ -134,6 +134,9 @@ def server(config: RouterConfig, router: Router, tokens: Tokens) -> grpc.aio.Ser
     grpc_server = grpc.aio.server(
         interceptors=[TokenCheck(tokens)], maximum_concurrent_rpcs=config.max_in_flight,
         # the same body limit as REST (gRPC's own default is 4 MB)
-        options=[("grpc.max_receive_message_length", config.max_body_bytes + 1024)])
+        options=[("grpc.max_receive_message_length", config.max_body_bytes + 1024),
+                 # gRPC sets SO_REUSEPORT by default: a second router would silently share the port. Only
+                 # replicas meant to share one address (listen.reuse_port) may.
+                 ("grpc.so_reuseport", int(config.listen.reuse_port))])
     inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(InferenceService(router, tokens), grpc_server)
     return grpc_server

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from router.config import Guardrail, RouterConfig
 from router.control import Control
 from router.stats import percentile
+from router.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,16 @@ class GuardrailMonitor:
                     break
 
     async def run_forever(self, period_s: float = 1.0) -> None:
+        failing = ""
         while True:
             await asyncio.sleep(period_s)
             try:
                 await self.check()
+                failing = ""
+            except StoreError as error:  # a rollback is a shared decision: it waits for the store
+                if error.message != failing:
+                    log.error("guardrail: a rollback could not be recorded, retrying every %g s: %s", period_s,
+                              error.message)
+                failing = error.message
             except Exception:  # the guardrail loop must outlive any one bad evaluation
                 log.exception("guardrail check failed")

@@ -4,9 +4,10 @@ histograms and label every request of a default version "default")."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 # Milliseconds-scale buckets: a request to these models takes ~3-100 ms; the tail goes to the 10 s timeout.
@@ -39,22 +40,58 @@ class Metrics:
         self.weight = Gauge("router_arm_weight", "Effective weight of each arm", arm, registry=self.registry)
         self.rolled_back = Gauge("router_rolled_back", "1 while the guardrail has rolled an experiment back",
                                  ["experiment"], registry=self.registry)
+        self.host_attempts = Counter("router_host_attempts", "Attempts on each TorchServe host, by outcome (ok, "
+                                     "connection, timeout, server_error)", ["host", "outcome"], registry=self.registry)
+        self.host_circuit_open = Gauge("router_host_circuit_open", "1 while a TorchServe host's circuit is open "
+                                       "(connection errors and timeouts take the whole host out)", ["host"],
+                                       registry=self.registry)
+        self.hosts = Gauge("router_hosts", "TorchServe hosts the router knows (listed, or resolved from DNS)",
+                           registry=self.registry)
         self.feedback = Counter("router_feedback", "Feedback received, by whether the arm's answer was right",
                                 [*arm, "correct"], registry=self.registry)
 
-    def count_log_drops(self, dropped: Mapping[str, int]) -> None:
-        """Export the request log's own count of rows it did not log because its queue was full (`Store.dropped`)
-        as router_log_rows_dropped_total{table}, read at each scrape: nothing to call on the request path."""
-        self.registry.register(_LogDrops(dropped))
+    def watch_store(self, store: StoreCounters) -> None:
+        """Export the request log's own counters, read at each scrape (nothing to call on the request path):
+        router_log_rows_dropped_total{table} (rows not logged because the writer's queue was full),
+        router_log_rows_buffered_total and router_log_outages_total (answers sent while the database was
+        unreachable, their rows held in memory until it returned), router_log_degraded and router_log_queued."""
+        self.registry.register(_StoreCollector(store))
 
 
-class _LogDrops(Collector):
-    def __init__(self, dropped: Mapping[str, int]) -> None:
-        self.dropped = dropped
+class StoreCounters(Protocol):
+    """What `router.store.Store` counts."""
+
+    @property
+    def dropped(self) -> Mapping[str, int]: ...
+
+    @property
+    def buffered(self) -> int: ...
+
+    @property
+    def outages(self) -> int: ...
+
+    @property
+    def degraded(self) -> bool: ...
+
+    @property
+    def queued(self) -> int: ...
+
+
+class _StoreCollector(Collector):
+    def __init__(self, store: StoreCounters) -> None:
+        self.store = store
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily("router_log_rows_dropped", "Request-log rows not logged because the writer's "
                                      "queue was full, by table (shadow and events are shed first)", labels=["table"])
         for table in ("requests", "shadow", "events", "feedback_admin"):
-            family.add_metric([table], self.dropped.get(table, 0))
+            family.add_metric([table], self.store.dropped.get(table, 0))
         yield family
+        yield CounterMetricFamily("router_log_rows_buffered", "Requests answered while the database was unreachable: "
+                                  "their rows waited in memory instead of being committed first",
+                                  value=self.store.buffered)
+        yield CounterMetricFamily("router_log_outages", "Times the database became unreachable",
+                                  value=self.store.outages)
+        yield GaugeMetricFamily("router_log_degraded", "1 while the database is unreachable", value=int(
+            self.store.degraded))
+        yield GaugeMetricFamily("router_log_queued", "Rows and writes waiting for the writer", value=self.store.queued)

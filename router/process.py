@@ -5,13 +5,16 @@ TorchServe's (`serving.pidfile`)."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import requests
 
-from router.config import RouterConfig, load_config
+from router.config import STATE_DIR_ENV, RouterConfig, load_config
 from serving.pidfile import PidFile, tail
 
 log = logging.getLogger(__name__)
@@ -47,35 +50,56 @@ def running_pid(config: RouterConfig) -> int | None:
     return _pid_file(config).pid()
 
 
-def start(config_path: Path, timeout_s: float = 90.0) -> int:
-    """Start `python -m router --config <file> serve` unless it already runs; wait until it is ready."""
+def replica(config_path: Path, state_dir: Path | None = None) -> RouterConfig:
+    """The configuration of the router that runs from `state_dir` (default: the file's, or ROUTER_STATE_DIR's):
+    replicas share one experiment file and differ in their state directory."""
     config = load_config(config_path)
+    return config if state_dir is None else replace(config, state_dir=state_dir)
+
+
+def _listens(pid: int, port: int) -> bool:
+    try:
+        connections = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections)
+
+
+def start(config_path: Path, timeout_s: float = 90.0, state_dir: Path | None = None,
+          env: dict[str, str] | None = None) -> int:
+    """Start `python -m router --config <file> serve` unless it already runs from that state directory; wait
+    until it is ready. `env` adds to its environment (ROUTER_DATABASE_URL, say)."""
+    config = replica(config_path, state_dir)
     pid = running_pid(config)
     if pid is not None:
         log.info("router already running (pid %d)", pid)
         return pid
+    child_env = {**os.environ, **(env or {}), **({STATE_DIR_ENV: str(state_dir)} if state_dir else {})}
     process = _pid_file(config).launch([sys.executable, "-m", "router", "--config", str(config_path), "serve"],
-                                       log_file(config))
+                                       log_file(config), env=child_env)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise LaunchError(f"the router exited with {process.returncode}; end of {log_file(config)}:\n"
                               f"{tail(log_file(config))}")
         try:
-            if requests.get(f"{base_url(config)}/readyz", timeout=2).status_code == 200:
+            # The port may be shared with other replicas (listen.reuse_port): ready means this process listens
+            # and the router behind the port is ready (it listens only once it has checked its targets).
+            if _listens(process.pid, config.listen.rest_port) and \
+                    requests.get(f"{base_url(config)}/readyz", timeout=2).status_code == 200:
                 log.info("router ready (pid %d) on %s", process.pid, base_url(config))
                 return process.pid
         except requests.RequestException:
             pass
         time.sleep(0.3)
-    stop(config_path)
+    stop(config_path, state_dir=state_dir)
     raise LaunchError(f"the router was not ready within {timeout_s:g} s; end of {log_file(config)}:\n"
                       f"{tail(log_file(config))}")
 
 
-def stop(config_path: Path, timeout_s: float = 20.0) -> bool:
+def stop(config_path: Path, timeout_s: float = 20.0, state_dir: Path | None = None) -> bool:
     """SIGTERM the router this state directory started (SIGKILL if it hangs); True if one was running."""
-    config = load_config(config_path)
+    config = replica(config_path, state_dir)
     if _pid_file(config).stop(timeout_s=timeout_s) is None:
         log.info("no router running from %s", config.state_dir)
         return False

@@ -1,11 +1,11 @@
-"""Per-arm verdict of one experiment from the router's SQLite log: traffic, errors, latency, online accuracy
-with 95 % intervals, a two-proportion test of each candidate against control, shadow agreement, and the
-events (weight changes, reloads, rollbacks).
+"""Per-arm verdict of one experiment from the router's request log (SQLite or PostgreSQL): traffic, errors,
+latency, online accuracy with 95 % intervals, a two-proportion test of each candidate against control, shadow
+agreement, and the events (weight changes, reloads, rollbacks).
 
 An arm's requests count every attempt it got, including attempts that failed and were retried on another arm;
 its errors count those failures too, so a flaky arm shows up even when no client saw an error.
 
-The database does the counting (`router.store.summarize`: counts and the order statistics the percentiles need,
+The database does the counting (`router.store.Backend.summarize`: counts and the order statistics the percentiles need,
 never an experiment's whole history in Python); this module turns those aggregates into the verdict, the same
 for any store that produces a `LogSummary`.
 """
@@ -13,19 +13,27 @@ for any store that produces a `LogSummary`.
 from __future__ import annotations
 
 import datetime
-from pathlib import Path
 from typing import Any
 
-from router.config import Experiment
+from router.config import Experiment, RouterConfig
 from router.stats import two_proportion_test, wilson_interval
-from router.store import ArmSummary, LogSummary, Store, summarize
+from router.store import ArmSummary, LogSummary, Store, backend_for
 
 PERCENTILES = (50, 95, 99)
 
 
-def build_report(database: Path, experiment: Experiment, since: float = 0.0) -> dict[str, Any]:
-    """The report of one experiment from the SQLite log at `database` (any thread; the CLI's path)."""
-    return report_of(summarize(database, experiment.name, since, PERCENTILES), experiment, since)
+def build_report(config: RouterConfig, experiment: Experiment, since: float = 0.0) -> dict[str, Any]:
+    """The report of one experiment from the log `config.store` names (SQLite at `config.database`, or the
+    PostgreSQL server every replica writes to), without a router (any thread; the CLI's path)."""
+    backend = backend_for(config)
+    try:
+        summary = backend.summarize(experiment.name, since, PERCENTILES)
+        override = backend.overrides(config.experiments_digest).get(experiment.name)
+    finally:
+        backend.close()
+    report = report_of(summary, experiment, since)
+    report["rolled_back"] = override is not None and override.rollback  # as the routers' own reports say
+    return report
 
 
 async def live_report(store: Store, experiment: Experiment, since: float = 0.0) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from router.config import Target
 from router.errors import WHERE_HEADERS
@@ -75,8 +75,12 @@ def label_of(body: bytes) -> int | None:
 class Upstream(Protocol):
     """What the core needs of the upstream client (router.upstream.TorchServeClient; scripted in unit tests)."""
 
-    async def infer(self, target: Target, request: InferenceRequest, timeout_s: float) -> Reply: ...
+    async def infer(self, target: Target, request: InferenceRequest, timeout_s: float) -> Reply:
+        """One attempt on `target`. `timeout_s` is the router's own limit; the request's deadline, if it has one,
+        shortens it (`InferenceRequest.timeout_s`)."""
 
     async def served_models(self) -> dict[str, set[str]]: ...
 
     async def ping(self) -> bool: ...
+
+    def describe(self) -> dict[str, Any]: ...  # the hosts and their circuits, for the admin API

@@ -1,5 +1,5 @@
-"""Which arm answers a request: pure functions of the experiment, the request's key and override, and the arms
-currently out of service.
+"""Which arm answers a request, and which TorchServe host serves the attempt: pure functions of the experiment,
+the request's key and override, the arms and hosts currently out of service, and the hosts' loads.
 
 Sticky assignment is weighted rendezvous (highest-random-weight) hashing: every arm scores
 `-weight / ln(u)`, where `u` is a uniform number derived from sha256(salt, key, arm), and the highest score
@@ -79,3 +79,16 @@ def choose_arm(experiment: Experiment, weights: dict[str, float], key: str | Non
                                   f"(out of service: {', '.join(sorted(unavailable)) or 'none'})")
     name = sticky_arm(experiment.salt, key, candidates) if key else random_arm(candidates, rng)
     return experiment.arm(name)
+
+
+def choose_host(hosts: Collection[str], in_flight: dict[str, int], rng: random.Random) -> str | None:
+    """The host for one attempt, among `hosts` (those available and not yet tried): the power of two choices —
+    the less busy of two picked at random — spreads load almost as evenly as "least busy" without herding every
+    router replica onto the same host. None when there is no host left."""
+    if not hosts:
+        return None
+    ordered = sorted(hosts)
+    if len(ordered) == 1:
+        return ordered[0]
+    first, second = rng.sample(ordered, 2)
+    return first if in_flight.get(first, 0) <= in_flight.get(second, 0) else second

@@ -1,27 +1,45 @@
-"""The router's request log and durable state in SQLite (the standard library's `sqlite3`): one row per routed
-request, the true labels reported as feedback, shadow comparisons, runtime weight overrides and an event log.
+"""The router's request log and durable state: one row per routed request, the true labels reported as feedback,
+shadow comparisons, runtime weight overrides and an event log. This module is the part every database shares
+(the queue, the writer thread, group commit, shedding, retention's pace, outages); the SQL lives in a backend:
+`router.store_sqlite` (one router process, a file in its state directory: the default) or
+`router.store_postgres` (one PostgreSQL server that several router replicas share). `open_store(config)` picks.
 
 Durability: a request's row is committed before its answer is sent. `record(row)` returns an awaitable that
 resolves once the transaction holding the row has committed (or raises `StoreError` if it could not be): the
 caller answers after awaiting it. One thread owns the writing connection and commits whatever is queued as soon
 as anything is (group commit): rows that arrive while a commit runs share the next one, so a request waits for
-the commit in progress (or one retention step), then its own; never for a timer. In WAL mode with
-`synchronous=NORMAL` a commit is a write to the WAL file without fsync: it survives a crash of the router process
-(SIGKILL, OOM kill), not of the machine (power loss, kernel panic). Checkpoints, which do fsync, run on a thread
-of their own, so no commit waits for one.
+the commit in progress (or one retention step), then its own; never for a timer. What a commit survives is the
+backend's: SQLite's (WAL, `synchronous=NORMAL`) survives a crash of the router process, not of the machine;
+PostgreSQL's is durable on the server (`synchronous_commit` on) and survives the loss of any router.
 Feedback and overrides are jobs that run in the same transactions and are acknowledged after their commit;
 shadow rows and events are committed with the next batch but nobody waits for them.
 
+Outages (PostgreSQL; a local SQLite file has none to wait out: a failing disk fails the batch, as it always did):
+when the database becomes unreachable (connection lost, server restarting or refusing connections), the writer
+first reconnects once at once (a server restarted while the router was idle costs nothing more); failing that,
+the store is *degraded*: the batch's rows go back to the head of the queue, every request waiting for a commit is
+answered as if committed ("buffered", counted in `Store.buffered`), new requests are answered at once, and the
+writer reconnects every RECONNECT_EVERY_S. Once it is back, the backlog is committed oldest first, in chunks of
+RECOVERY_CHUNK_ROWS (a request row twice is harmless: its primary key), and commit-before-answer resumes.
+The promise during an outage is weaker, and deliberately so: an answered request's row lives only in this
+router's memory, and is lost if this router stops or dies before the database returns. Feedback, overrides and
+reports are never buffered: during an outage they fail with `StoreError` (the client gets 503, nothing
+unacknowledged is claimed). Each outage is logged once when it starts and once when it ends (`Store.outages`
+counts them, `Store.degraded` says whether one is under way). A batch retried after a lost connection may have
+been committed already: its shadow rows and events can then appear twice, a feedback can come back `duplicate`.
+
 Bounds: at most `queue_limit` rows and jobs wait for the writer. Shadow rows and events are shed first, once
 half of that is queued; requests, feedback and overrides are refused (`StoreFull`, the caller answers 503)
-only when the queue is full. Every shed row is counted in `Store.dropped` and logged (at most every 10 s).
+only when the queue is full, outage or not: a backlog never grows without end (the batch that was being committed
+when an outage began goes back into the queue on top, so at that moment it may hold up to twice `queue_limit`).
+Every shed row is counted in `Store.dropped` and logged (at most every 10 s).
 Retention deletes, per table, rows older than `retention_days` and all but the newest `max_rows`, with the
 feedback of every deleted request, at most PRUNE_STEP_ROWS rows per table per step, one step between commits:
 no step holds the write lock for long, and a backlog is worked off step by step.
 
-Reads (overrides at start, report summaries) use connections of their own: WAL lets them run beside the writer.
-The report is computed in SQL (`summarize`): counts per arm, and latency percentiles from the few order
-statistics they need, never an experiment's whole history in Python.
+Reads (overrides, report summaries) use connections of their own, beside the writer. The report is computed in
+SQL (`Backend.summarize`): counts per arm, and latency percentiles from the few order statistics they need,
+never an experiment's whole history in Python.
 """
 
 from __future__ import annotations
@@ -31,61 +49,51 @@ import collections
 import contextlib
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from router.config import RequestLog, Target
-from router.stats import rank_positions
+import grpc
+
+from router.config import POSTGRESQL, RequestLog, RouterConfig, Target
+from router.errors import RouterError
 
 log = logging.getLogger(__name__)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS requests (
-    request_id TEXT PRIMARY KEY, at REAL NOT NULL, experiment TEXT NOT NULL, arm TEXT NOT NULL,
-    model TEXT NOT NULL, version TEXT, protocol TEXT NOT NULL, status INTEGER NOT NULL, ok INTEGER NOT NULL,
-    latency_ms REAL NOT NULL, label INTEGER, retried_from TEXT
-);
-CREATE INDEX IF NOT EXISTS requests_by_experiment ON requests (experiment, at);
-CREATE INDEX IF NOT EXISTS requests_by_time ON requests (at);
-CREATE TABLE IF NOT EXISTS feedback (request_id TEXT PRIMARY KEY, label INTEGER NOT NULL, at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS shadow (
-    request_id TEXT NOT NULL, at REAL NOT NULL, experiment TEXT NOT NULL, target TEXT NOT NULL,
-    outcome TEXT NOT NULL, agree INTEGER, latency_ms REAL
-);
-CREATE INDEX IF NOT EXISTS shadow_by_experiment ON shadow (experiment, at);
-CREATE INDEX IF NOT EXISTS shadow_by_time ON shadow (at);
-CREATE TABLE IF NOT EXISTS overrides (
-    experiment TEXT PRIMARY KEY, weights TEXT NOT NULL, reason TEXT NOT NULL, config_digest TEXT NOT NULL,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS events (at REAL NOT NULL, experiment TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT);
-CREATE INDEX IF NOT EXISTS events_by_time ON events (at);
-"""
-
-# The tables retention trims, each by its own `at`; feedback goes with its request.
-RETAINED = ("requests", "shadow", "events")
 # Rows deleted per table in one retention step: about 5 ms with random request ids (1.5 ms with time-ordered
 # ones), so a commit that waits behind a step waits little (loadtest.request_log measures it).
 PRUNE_STEP_ROWS = 100
 # How often retention looks for rows to delete once it has caught up.
 PRUNE_EVERY_S = 5.0
 DROP_LOG_EVERY_S = 10.0
-# The WAL is copied back into the database by a thread of its own at most this often (when something was
-# committed): a checkpoint fsyncs, and a commit that ran one itself would wait 10-30 ms for it.
-CHECKPOINT_EVERY_S = 1.0
+# During an outage: how often the writer tries to reconnect, and how often it logs that it still cannot.
+RECONNECT_EVERY_S = 0.5
+RECONNECT_LOG_EVERY_S = 10.0
+# Rows per table per transaction when the backlog of an outage is committed: a database that fails again
+# mid-way costs at most one chunk's work, and the requests that wait behind the backlog wait for one chunk.
+RECOVERY_CHUNK_ROWS = 1000
 
 
-class StoreError(RuntimeError):
-    """A write was not committed (the database failed, or the store is closed): the caller must not claim it."""
+class StoreError(RouterError):
+    """A write was not committed (the database failed, or the store is closed): the caller must not claim it.
+    Clients get 503 / UNAVAILABLE and may retry shortly."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, retry_after_s: float | None = 1.0) -> None:
+        super().__init__(message, retry_after_s)
 
 
 class StoreFull(StoreError):
     """The writer's queue is at its limit: refused at once instead of queueing without end."""
+
+
+class StoreUnavailable(StoreError):
+    """The database is unreachable (an outage): feedback, overrides and reports are refused, never buffered."""
 
 
 @dataclass(frozen=True)
@@ -104,11 +112,20 @@ class RequestRow:
     retried_from: str | None
 
 
+ROLLBACK = "rollback"  # how a guardrail's override's reason begins
+
+
 @dataclass(frozen=True)
 class Override:
+    """Runtime weights of one experiment: an admin's change, or a guardrail rollback (reason "rollback: ...")."""
+
     weights: dict[str, float]
     reason: str
     at: float
+
+    @property
+    def rollback(self) -> bool:
+        return self.reason.startswith(ROLLBACK)
 
 
 @dataclass(frozen=True)
@@ -167,68 +184,180 @@ class LogSummary:
     events: tuple[EventRow, ...]
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    connection = sqlite3.connect(path, check_same_thread=False, timeout=30)
-    connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute("PRAGMA synchronous=NORMAL")
-    connection.executescript(SCHEMA)
-    return connection
+@dataclass
+class Tally:
+    """One arm's counts while a backend adds up its rows for `LogSummary` (the same rules for every backend)."""
+
+    requests: int = 0
+    errors: int = 0
+    answered: int = 0  # successful attempts that were no client error: the latency percentiles' samples
+    feedback: int = 0
+    correct: int = 0
+    targets: set[str] = field(default_factory=set)
 
 
-Job = Callable[[sqlite3.Connection], Any]
+# A row as the backends insert it, its values in the tables' column order: requests (request_id, at, experiment,
+# arm, model, version, protocol, status, ok, latency_ms, label, retried_from), shadow (request_id, at, experiment,
+# target, outcome, agree, latency_ms), events (at, experiment, kind, detail). `ok` and `agree` are bools.
+Row = tuple[Any, ...]
+# A write run inside a batch's transaction, given the backend's connection (its own savepoint: a job that fails is
+# undone and reported to its caller alone).
+Job = Callable[[Any], Any]
+# What a job gave: its result, or the error its caller gets.
+Outcome = tuple[Any, BaseException | None]
 # Results to hand to an event loop: (future, result, error), settled on that loop's thread.
 Settlement = tuple["asyncio.Future[Any]", Any, BaseException | None]
 
 
+class Backend(Protocol):
+    """The SQL of one database. The writer thread alone calls `open_writer`, `write`, `prune_step` and the job
+    bodies (`feedback`, `set_override`, `clear_overrides`, each given the connection `write` hands its jobs);
+    `overrides` and `summarize` may be called from any thread, at the same time as the writer works."""
+
+    @property
+    def path(self) -> Path | None:
+        """The SQLite file; None for a database server."""
+
+    def open_writer(self) -> None:
+        """(Re)open the writer's connection and create the schema if it is missing."""
+
+    def write(self, requests: list[Row], shadow: list[Row], events: list[Row], jobs: list[Job]) -> list[Outcome]:
+        """Insert the rows and run the jobs in one transaction; raises if it was not committed (then nothing
+        of it was, unless the connection was lost after the commit was sent: see the outage notes above)."""
+
+    def is_outage(self, error: BaseException) -> bool:
+        """Whether `error` (from `write`, `prune_step` or `open_writer`) means the database is unreachable: a
+        reason to keep the rows and reconnect, rather than to fail the batch."""
+
+    def prune_step(self, cutoff: float | None, max_rows: int | None, limit: int) -> dict[str, int]:
+        """Delete up to `limit` rows per table older than `cutoff` or beyond the newest `max_rows`, with the
+        feedback of deleted requests; returns the rows deleted per table."""
+
+    def feedback(self, db: Any, request_id: str, label: int) -> Feedback | None:
+        """The feedback job (see `Store.feedback`)."""
+
+    def set_override(self, db: Any, experiment: str, weights: dict[str, float], reason: str, digest: str) -> None:
+        """Insert or replace an experiment's override."""
+
+    def clear_overrides(self, db: Any, experiment: str | None, except_digest: str | None) -> None:
+        """Delete one experiment's override (or every experiment's: None), except those made against the
+        experiments whose digest is `except_digest`."""
+
+    def overrides(self, digest: str) -> dict[str, Override]:
+        """Every override made against the experiment file whose sha256 is `digest`."""
+
+    def summarize(self, experiment: str, since: float, percentiles: tuple[float, ...]) -> LogSummary:
+        """One experiment's log since `since`, aggregated in SQL, from one snapshot."""
+
+    def close(self) -> None:
+        """Close every connection (the writer thread has stopped)."""
+
+
+def backend_for(config: RouterConfig) -> Backend:
+    """The backend `config.store` names; it opens no connection until used."""
+    if config.store.backend == POSTGRESQL:
+        from router.store_postgres import PostgresBackend  # imported here: it imports this module
+
+        return PostgresBackend(config.store.database_url())
+    from router.store_sqlite import SQLiteBackend
+
+    return SQLiteBackend(config.database)
+
+
+def open_store(config: RouterConfig) -> Store:
+    """The router's store: SQLite at `config.database`, or the PostgreSQL server `config.store` names."""
+    return Store(backend_for(config), config.request_log)
+
+
+@dataclass
+class _Batch:
+    """What the writer took from the queue for one transaction."""
+
+    requests: list[tuple[Row, asyncio.Future[None] | None]]  # future None: already answered (buffered)
+    shadow: list[Row]
+    events: list[Row]
+    jobs: list[tuple[Job, asyncio.Future[Any], asyncio.AbstractEventLoop]]
+    ends_outage: bool = False  # it holds the last rows buffered during an outage
+
+    def __bool__(self) -> bool:
+        return bool(self.requests or self.shadow or self.events or self.jobs)
+
+
 class Store:
     """The writer thread, its bounded queue, retention, and the reads the router needs. `close()` commits
-    everything queued, then stops the writer."""
+    everything queued, then stops the writer. `backend` may be a path: a SQLite file."""
 
-    def __init__(self, path: Path, settings: RequestLog | None = None, prune_every_s: float = PRUNE_EVERY_S) -> None:
-        self.path = path
+    def __init__(self, backend: Backend | Path, settings: RequestLog | None = None,
+                 prune_every_s: float = PRUNE_EVERY_S) -> None:
+        if isinstance(backend, Path):
+            from router.store_sqlite import SQLiteBackend  # imported here: it imports this module
+
+            backend = SQLiteBackend(backend)
+        self.backend = backend
         self.settings = settings or RequestLog()
         # Rows not logged because the queue was full, by table ("requests", "shadow", "events", and
         # "feedback_admin" for feedback and override writes). Exported as router_log_rows_dropped_total, read at
-        # scrape time (router.metrics.Metrics.count_log_drops).
+        # scrape time (router.metrics.Metrics.watch_store).
         self.dropped: collections.Counter[str] = collections.Counter()
         self.deleted: collections.Counter[str] = collections.Counter()  # rows retention deleted, by table
+        self.buffered = 0  # requests answered before their row was committed, because of an outage
+        self.outages = 0  # outages that began (each one logged when it begins and when it ends)
         self._shed_at = self.settings.queue_limit - self.settings.queue_limit // 2  # shadow and events: half
         self._prune_every_s = prune_every_s
-        self._wake = threading.Condition(threading.Lock())  # guards everything below up to the writer's connection
-        self._requests: list[tuple[Any, ...]] = []
-        self._shadow: list[tuple[Any, ...]] = []
-        self._events: list[tuple[Any, ...]] = []
+        self._wake = threading.Condition(threading.Lock())  # guards the queue and `_buffering`
+        self._requests: list[tuple[Row, asyncio.Future[None] | None]] = []
+        self._shadow: list[Row] = []
+        self._events: list[Row] = []
         self._jobs: list[tuple[Job, asyncio.Future[Any], asyncio.AbstractEventLoop]] = []
-        self._committing: list[asyncio.Future[None]] = []  # one per queued request row, settled per batch
         self._closing = False
+        # From an outage's start until the writer has taken the last row buffered: requests are answered at once.
+        self._buffering = False
+        # From an outage's start until that last row is committed (only the writer thread sets it).
+        self._outage_since: float | None = None
+        self._buffered_at_outage = 0
+        self._stop = threading.Event()  # set by close(): ends the writer's reconnection attempts
+        self._last_attempt_made = False  # the one reconnection attempt made once closing
         self._last_drop_log = -DROP_LOG_EVERY_S
-        self._writer = connect(path)
-        self._writer.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it instead
-        self._committed = threading.Event()  # set by the writer after a commit; the checkpointer waits for it
-        self._closed = threading.Event()
+        try:
+            self.backend.open_writer()
+        except Exception as error:
+            if self.backend.is_outage(error):
+                raise StoreUnavailable(f"the request log's database is unreachable: {error}") from error
+            raise
         self._thread = threading.Thread(target=self._run, name="router-store", daemon=True)
         self._thread.start()
-        self._checkpointer = threading.Thread(target=self._checkpoint, args=(connect(path),),
-                                              name="router-store-checkpoint", daemon=True)
-        self._checkpointer.start()
+
+    @property
+    def path(self) -> Path | None:
+        """The SQLite file (None for a database server)."""
+        return self.backend.path
+
+    @property
+    def degraded(self) -> bool:
+        """Whether an outage is under way: answered requests' rows wait in memory, uncommitted."""
+        return self._outage_since is not None
 
     # --- the request path ----------------------------------------------------------------------------------------
     def record(self, row: RequestRow) -> Awaitable[None]:
         """Queue a request's row; await the result before answering: it resolves when the row is committed and
-        raises `StoreError` (`StoreFull` when the queue is full) when it will not be. Awaiting it may be
-        cancelled without affecting the other rows of its batch."""
+        raises `StoreError` (`StoreFull` when the queue is full) when it will not be. During an outage it
+        resolves at once, the row kept in the queue (see above). Awaiting it may be cancelled without affecting
+        the other rows of its batch."""
         loop = asyncio.get_running_loop()
         values = (row.request_id, row.at, row.experiment, row.arm, row.model, row.version, row.protocol,
-                  row.status, int(row.ok), row.latency_ms, row.label, row.retried_from)
+                  row.status, row.ok, row.latency_ms, row.label, row.retried_from)
         with self._wake:
             refusal = self._refusal(self.settings.queue_limit)
             if refusal is None:
                 # A future per row (settled with its batch, in one call per batch): a request whose wait is
                 # cancelled cancels only its own.
                 committed: asyncio.Future[None] = loop.create_future()
-                self._requests.append(values)
-                self._committing.append(committed)
+                if self._buffering:
+                    committed.set_result(None)
+                    self.buffered += 1
+                    self._requests.append((values, None))
+                else:
+                    self._requests.append((values, committed))
                 self._wake.notify()
                 return committed
         self._dropped("requests")
@@ -239,9 +368,8 @@ class Store:
     def record_shadow(self, request_id: str, experiment: str, target: str, outcome: str, agree: bool | None,
                       latency_ms: float | None) -> None:
         """Queue a shadow comparison (best effort: committed with the next batch, shed first when the queue fills)."""
-        values = (request_id, time.time(), experiment, target, outcome, None if agree is None else int(agree),
-                  latency_ms)
-        self._enqueue_best_effort(self._shadow, values, "shadow")
+        self._enqueue_best_effort(self._shadow, (request_id, time.time(), experiment, target, outcome, agree,
+                                                 latency_ms), "shadow")
 
     def event(self, experiment: str, kind: str, detail: str) -> None:
         """Queue an event (reload, weight change, rollback); best effort like shadow rows."""
@@ -252,56 +380,42 @@ class Store:
 
         The first label stands: a second feedback for the same request changes nothing and comes back with
         `duplicate` True and the first label."""
-
-        def job(db: sqlite3.Connection) -> Feedback | None:
-            row = db.execute("SELECT experiment, arm, label FROM requests WHERE request_id = ?",
-                             (request_id,)).fetchone()
-            if row is None:
-                return None
-            inserted = db.execute("INSERT OR IGNORE INTO feedback VALUES (?,?,?)",
-                                  (request_id, label, time.time())).rowcount == 1
-            stored = label if inserted else db.execute("SELECT label FROM feedback WHERE request_id = ?",
-                                                       (request_id,)).fetchone()[0]
-            return Feedback(row[0], row[1], row[2], stored, not inserted)
-
-        result: Feedback | None = await self._call(job)
+        result: Feedback | None = await self._call(lambda db: self.backend.feedback(db, request_id, label))
         return result
 
     async def set_override(self, experiment: str, weights: dict[str, float], reason: str, digest: str) -> None:
-        values = (experiment, json.dumps(weights), reason, digest, time.time())
-        await self._call(lambda db: db.execute("INSERT OR REPLACE INTO overrides VALUES (?,?,?,?,?)", values))
+        await self._call(lambda db: self.backend.set_override(db, experiment, weights, reason, digest))
 
-    async def clear_overrides(self, experiment: str | None = None) -> None:
-        if experiment is None:
-            await self._call(lambda db: db.execute("DELETE FROM overrides"))
-        else:
-            await self._call(lambda db: db.execute("DELETE FROM overrides WHERE experiment = ?", (experiment,)))
+    async def clear_overrides(self, experiment: str | None = None, except_digest: str | None = None) -> None:
+        """Delete one experiment's override, or all; `except_digest` keeps those made against that version of
+        the experiments (replicas that reloaded an edited file first may already have made some)."""
+        await self._call(lambda db: self.backend.clear_overrides(db, experiment, except_digest))
 
     async def flush(self) -> None:
         """Wait until everything queued so far (shadow rows and events included) is committed."""
         await self._call(lambda db: None)
 
     def close(self) -> None:
+        """Commit what is queued and stop the writer. During an outage, what waits in memory is lost (logged)."""
         with self._wake:
             self._closing = True
             self._wake.notify()
+        self._stop.set()
         self._thread.join(timeout=30)
-        self._closed.set()
-        self._committed.set()
-        self._checkpointer.join(timeout=30)
+        self.backend.close()
 
     # --- reads ---------------------------------------------------------------------------------------------------
     def overrides(self, digest: str) -> dict[str, Override]:
-        """Runtime overrides made against the experiment file whose sha256 is `digest` (others are stale)."""
-        with contextlib.closing(connect(self.path)) as db:
-            rows = db.execute("SELECT experiment, weights, reason, at FROM overrides WHERE config_digest = ?",
-                              (digest,)).fetchall()
-        return {name: Override(json.loads(weights), reason, at) for name, weights, reason, at in rows}
+        """Runtime overrides made against the experiment file whose sha256 is `digest` (others are stale); those
+        another replica made too. Any thread, on a read connection of its own (cheap enough to poll); raises
+        `StoreError` while the database is unreachable."""
+        return self.backend.overrides(digest)
 
     async def summary(self, experiment: str, since: float, percentiles: Iterable[float]) -> LogSummary:
-        """`summarize` after committing everything queued, read on a worker thread (the loop keeps serving)."""
+        """`Backend.summarize` after committing everything queued, read on a worker thread (the loop keeps
+        serving)."""
         await self.flush()
-        return await asyncio.to_thread(summarize, self.path, experiment, since, tuple(percentiles))
+        return await asyncio.to_thread(self.backend.summarize, experiment, since, tuple(percentiles))
 
     # --- the queue -----------------------------------------------------------------------------------------------
     @property
@@ -318,10 +432,10 @@ class Store:
         if self._closing:
             return StoreError("the request log is closed")
         if self._queued() >= limit:
-            return StoreFull(f"the request log's queue is full ({self._queued()} rows waiting for the disk)")
+            return StoreFull(f"the request log's queue is full ({self._queued()} rows waiting for the database)")
         return None
 
-    def _enqueue_best_effort(self, rows: list[tuple[Any, ...]], values: tuple[Any, ...], table: str) -> None:
+    def _enqueue_best_effort(self, rows: list[Row], values: Row, table: str) -> None:
         with self._wake:
             if self._refusal(self._shed_at) is None:
                 rows.append(values)
@@ -334,6 +448,8 @@ class Store:
         future: asyncio.Future[Any] = loop.create_future()
         with self._wake:
             refusal = self._refusal(self.settings.queue_limit)
+            if refusal is None and self._buffering:  # never buffered: nothing unacknowledged is claimed
+                raise StoreUnavailable("the request log's database is unreachable: nothing was written")
             if refusal is None:
                 self._jobs.append((job, future, loop))
                 self._wake.notify()
@@ -362,127 +478,193 @@ class Store:
                     if wait_s is not None and wait_s <= 0:
                         break
                     self._wake.wait(wait_s)
-                requests, shadow, events, jobs = self._requests, self._shadow, self._events, self._jobs
-                self._requests, self._shadow, self._events, self._jobs = [], [], [], []
-                committing, self._committing = self._committing, []
+                batch = self._take()
                 closing = self._closing
-            work = bool(requests or shadow or events or jobs)
-            if work:
-                self._commit(requests, shadow, events, jobs, committing)
-                self._committed.set()
+            if batch:
+                if not self._commit(batch):  # an outage: the rows are back in the queue
+                    if not self._reconnect():
+                        break  # closed during the outage
+                    continue
             elif closing:
                 break
-            # One bounded step between commits, so a backlog never stalls the rows waiting behind it.
-            if retention and not closing and time.monotonic() >= next_prune:
-                more = self._prune_step()
-                self._committed.set()
-                next_prune = time.monotonic() + (0.0 if more else self._prune_every_s)
-        self._writer.close()
-
-    def _checkpoint(self, db: sqlite3.Connection) -> None:
-        """Copy committed WAL frames into the database beside the writer (PASSIVE: never blocks it), so that no
-        commit pays for the checkpoint's fsync and the WAL stays small."""
-        with contextlib.closing(db):  # the last connection to close checkpoints what is left
-            while not self._closed.is_set():
-                self._committed.wait()
-                self._committed.clear()
-                if self._closed.is_set():
-                    return
+            # One bounded step between commits, so a backlog never stalls the rows waiting behind it; none while
+            # an outage's backlog is being committed.
+            if retention and not closing and not self.degraded and time.monotonic() >= next_prune:
                 try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error as error:  # a reader held the WAL, the disk hiccuped: retried next time
-                    log.warning("request log: checkpoint failed: %s", error)
-                self._closed.wait(CHECKPOINT_EVERY_S)
+                    more = self._prune_step()
+                except Exception as error:  # only an outage comes out of it
+                    self._begin_outage(_Batch([], [], [], []), error)
+                    if not self._reconnect():
+                        break
+                    continue
+                next_prune = time.monotonic() + (0.0 if more else self._prune_every_s)
+        self._abandon()
 
-    def _commit(self, requests: list[tuple[Any, ...]], shadow: list[tuple[Any, ...]], events: list[tuple[Any, ...]],
-                jobs: list[tuple[Job, asyncio.Future[Any], asyncio.AbstractEventLoop]],
-                committing: list[asyncio.Future[None]]) -> None:
-        results: list[tuple[Any, BaseException | None]] = []
+    def _take(self) -> _Batch:
+        """Everything queued (called holding the lock); after an outage, the backlog a chunk at a time, and once
+        the last of it is taken requests wait for their commits again."""
+        if not self._buffering:
+            return self._take_all()
+        n = RECOVERY_CHUNK_ROWS
+        batch = _Batch(self._requests[:n], self._shadow[:n], self._events[:n], self._jobs)
+        del self._requests[:n], self._shadow[:n], self._events[:n]
+        self._jobs = []
+        if not (self._requests or self._shadow or self._events):
+            self._buffering = False
+            batch.ends_outage = True
+        return batch
+
+    def _commit(self, batch: _Batch) -> bool:
+        """Commit one batch and settle its futures; False when the database is unreachable (then the batch is
+        back in the queue and the store is degraded)."""
+        rows = [values for values, _ in batch.requests]
+        jobs = [job for job, _, _ in batch.jobs]
+        results: list[Outcome] = []
         failure: StoreError | None = None
-        db = self._writer
         try:
-            with db:  # one transaction for the batch: all of it is committed, or none of it
-                db.execute("BEGIN")
-                # Rows go first: feedback for a request answered before it was queued always finds the row.
-                if requests:
-                    db.executemany("INSERT OR REPLACE INTO requests VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", requests)
-                if shadow:
-                    db.executemany("INSERT INTO shadow VALUES (?,?,?,?,?,?,?)", shadow)
-                if events:
-                    db.executemany("INSERT INTO events VALUES (?,?,?,?)", events)
-                for job, _, _ in jobs:
-                    results.append(_run_job(db, job))
-                if not db.in_transaction:  # SQLite rolled it all back (a full disk, an I/O error)
-                    raise sqlite3.OperationalError("the transaction was rolled back")
-        except Exception as error:  # a full disk, a locked or broken file: nothing in the batch is committed
-            log.error("request log: committing %d requests, %d shadow rows, %d events and %d jobs failed: %s",
-                      len(requests), len(shadow), len(events), len(jobs), error)
+            try:
+                results = self.backend.write(rows, batch.shadow, batch.events, jobs)
+            except Exception as error:
+                if not self.backend.is_outage(error):
+                    raise
+                # The connection broke (perhaps long ago, while the router was idle): one new one, one retry.
+                log.warning("request log: lost the database connection (%s); reconnecting", error)
+                self.backend.open_writer()
+                results = self.backend.write(rows, batch.shadow, batch.events, jobs)
+        except Exception as error:  # a full disk, a broken constraint, an unreachable server
+            if self.backend.is_outage(error):
+                self._begin_outage(batch, error)
+                return False
+            answered = sum(future is None for _, future in batch.requests)  # buffered during an outage: lost
+            log.error("request log: committing %d requests (%d of them answered already), %d shadow rows, %d events "
+                      "and %d jobs failed: %s", len(rows), answered, len(batch.shadow), len(batch.events), len(jobs),
+                      error)
             failure = StoreError(f"the request log could not commit: {error}")
         by_loop: dict[asyncio.AbstractEventLoop, list[Settlement]] = collections.defaultdict(list)
-        for future in committing:
-            by_loop[future.get_loop()].append((future, None, failure))
-        for index, (_, future, loop) in enumerate(jobs):
+        for _, future in batch.requests:
+            if future is not None:
+                by_loop[future.get_loop()].append((future, None, failure))
+        for index, (_, future, loop) in enumerate(batch.jobs):
             result, problem = (None, failure) if failure is not None else results[index]
             by_loop[loop].append((future, result, problem))
-        for loop, settlements in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody is waiting any more
-                loop.call_soon_threadsafe(_settle, settlements)
+        _hand_over(by_loop)
+        if batch.ends_outage:
+            self._end_outage(committed=failure is None)
+        return True
 
     def _prune_step(self) -> bool:
-        """Delete at most PRUNE_STEP_ROWS old rows per table; True when some table has more to delete."""
+        """One retention step; True when some table has more to delete. An outage is raised, anything else
+        logged (retention retries at its next period; the log itself keeps working)."""
         settings = self.settings
         cutoff = None if settings.retention_days is None else time.time() - settings.retention_days * 86400
-        more = False
         try:
-            with self._writer:
-                for table in RETAINED:
-                    victims = _victims(self._writer, table, cutoff, settings.max_rows, PRUNE_STEP_ROWS)
-                    if not victims:
-                        continue
-                    if table == "requests":  # a label without its request means nothing
-                        self._writer.executemany(
-                            "DELETE FROM feedback WHERE request_id = (SELECT request_id FROM requests WHERE rowid = ?)",
-                            victims)
-                    self._writer.executemany(f"DELETE FROM {table} WHERE rowid = ?", victims)
-                    self.deleted[table] += len(victims)
-                    more = more or len(victims) >= PRUNE_STEP_ROWS
-        except Exception as error:  # retention retries at its next period; the log itself keeps working
+            try:
+                deleted = self.backend.prune_step(cutoff, settings.max_rows, PRUNE_STEP_ROWS)
+            except Exception as error:
+                if not self.backend.is_outage(error):
+                    raise
+                self.backend.open_writer()  # one new connection, one retry, as for a batch
+                deleted = self.backend.prune_step(cutoff, settings.max_rows, PRUNE_STEP_ROWS)
+        except Exception as error:
+            if self.backend.is_outage(error):
+                raise
             log.error("request log: retention failed: %s", error)
             return False
-        return more
+        self.deleted.update(deleted)
+        return any(count >= PRUNE_STEP_ROWS for count in deleted.values())
+
+    # --- outages -------------------------------------------------------------------------------------------------
+    def _begin_outage(self, batch: _Batch, error: BaseException) -> None:
+        """Put the batch back at the head of the queue, answer every request waiting for a commit, fail every
+        job, and buffer from now on."""
+        unavailable = StoreUnavailable(f"the request log's database is unreachable: {error}")
+        by_loop: dict[asyncio.AbstractEventLoop, list[Settlement]] = collections.defaultdict(list)
+        with self._wake:
+            waiting = [future for _, future in batch.requests + self._requests if future is not None]
+            self._requests = [(values, None) for values, _ in batch.requests + self._requests]
+            self._shadow[:0] = batch.shadow
+            self._events[:0] = batch.events
+            jobs, self._jobs = batch.jobs + self._jobs, []
+            self._buffering = True
+            begins = self._outage_since is None
+            if begins:  # before anyone is answered: whoever sees a buffered answer sees `degraded` too
+                self._outage_since = time.monotonic()
+                self._buffered_at_outage = self.buffered
+                self.outages += 1
+            self.buffered += len(waiting)
+            kept = len(self._requests)
+        for future in waiting:
+            by_loop[future.get_loop()].append((future, None, None))
+        for _, future, loop in jobs:
+            by_loop[loop].append((future, None, unavailable))
+        _hand_over(by_loop)
+        if begins:
+            log.error("request log: the database is unreachable (%s); answering without waiting for commits, "
+                      "keeping up to %d rows in memory until it is back (%d requests so far)", error,
+                      self.settings.queue_limit, kept)
+
+    def _reconnect(self) -> bool:
+        """Try to reconnect every RECONNECT_EVERY_S until it works (True), or until the store closes: then one
+        last attempt, so that what is kept is committed if the database is back by then (else False)."""
+        last_log = time.monotonic()
+        while True:
+            closing = self._stop.wait(RECONNECT_EVERY_S)
+            if closing and self._last_attempt_made:  # the database failed again after the last attempt
+                return False
+            self._last_attempt_made = closing
+            try:
+                self.backend.open_writer()
+            except Exception as error:  # whatever it is, the rows stay kept and the writer keeps trying
+                if closing:
+                    return False
+                if time.monotonic() - last_log >= RECONNECT_LOG_EVERY_S:
+                    last_log = time.monotonic()
+                    log.warning("request log: still no database (%s); %d rows waiting", error, self.queued)
+                continue
+            with self._wake:
+                drained = not (self._requests or self._shadow or self._events)
+                if drained:
+                    self._buffering = False
+            if drained:  # nothing was kept (nobody wrote during the outage): it is over now
+                self._end_outage()
+            return True
+
+    def _end_outage(self, committed: bool = True) -> None:
+        if self._outage_since is None:
+            return
+        lasted = time.monotonic() - self._outage_since
+        self._outage_since = None
+        # loadtest.rehearsal reads this line (its count of answers whose rows waited in memory): keep its words.
+        log.warning("request log: the database is back after %.1f s; the %d requests answered meanwhile %s",
+                    lasted, self.buffered - self._buffered_at_outage,
+                    "are committed" if committed else "could not all be committed (see the error above)")
+
+    def _abandon(self) -> None:
+        """The writer stops: whatever is still queued (closed during an outage) is lost; say so."""
+        with self._wake:
+            batch = self._take_all()
+        if batch:
+            log.error("request log: closed while the database is unreachable: %d requests, %d shadow rows and %d "
+                      "events kept in memory are lost", len(batch.requests), len(batch.shadow), len(batch.events))
+        closed = StoreError("the request log is closed")
+        by_loop: dict[asyncio.AbstractEventLoop, list[Settlement]] = collections.defaultdict(list)
+        for _, future in batch.requests:
+            if future is not None:
+                by_loop[future.get_loop()].append((future, None, closed))
+        for _, future, loop in batch.jobs:
+            by_loop[loop].append((future, None, closed))
+        _hand_over(by_loop)
+
+    def _take_all(self) -> _Batch:
+        batch = _Batch(self._requests, self._shadow, self._events, self._jobs)
+        self._requests, self._shadow, self._events, self._jobs = [], [], [], []
+        return batch
 
 
-def _run_job(db: sqlite3.Connection, job: Job) -> tuple[Any, BaseException | None]:
-    """Run one job inside the batch's transaction, in a savepoint: a job that fails is undone and reported to
-    its caller alone. If undoing it fails too, the transaction itself is broken and the whole batch fails."""
-    db.execute("SAVEPOINT job")
-    try:
-        outcome: tuple[Any, BaseException | None] = (job(db), None)
-    except Exception as error:
-        db.execute("ROLLBACK TO job")
-        outcome = (None, StoreError(f"the request log refused the write: {error}")
-                   if isinstance(error, sqlite3.Error) else error)
-    db.execute("RELEASE job")
-    return outcome
-
-
-def _victims(db: sqlite3.Connection, table: str, cutoff: float | None, max_rows: int | None,
-             limit: int) -> list[tuple[int]]:
-    """Rowids of up to `limit` rows older than `cutoff`, and up to `limit` rows beyond the newest `max_rows`.
-
-    Rows are only ever appended and deleted oldest first, so rowids are dense and increasing: the newest
-    `max_rows` rowids are the newest `max_rows` rows (at most that many), found without counting the table."""
-    victims: set[int] = set()
-    if cutoff is not None:
-        victims.update(rowid for (rowid,) in db.execute(
-            f"SELECT rowid FROM {table} WHERE at < ? ORDER BY at LIMIT ?", (cutoff, limit)))
-    if max_rows is not None:
-        (newest,) = db.execute(f"SELECT max(rowid) FROM {table}").fetchone()
-        if newest is not None and newest > max_rows:
-            victims.update(rowid for (rowid,) in db.execute(
-                f"SELECT rowid FROM {table} WHERE rowid <= ? ORDER BY rowid LIMIT ?",
-                (newest - max_rows, limit)))
-    return [(rowid,) for rowid in sorted(victims)]
+def _hand_over(by_loop: dict[asyncio.AbstractEventLoop, list[Settlement]]) -> None:
+    for loop, settlements in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # that loop has closed: nobody is waiting any more
+            loop.call_soon_threadsafe(_settle, settlements)
 
 
 def _settle(settlements: list[Settlement]) -> None:
@@ -495,77 +677,40 @@ def _settle(settlements: list[Settlement]) -> None:
             future.set_result(result)
 
 
-# --- the report's queries ----------------------------------------------------------------------------------------
-def summarize(path: Path, experiment: str, since: float, percentiles: tuple[float, ...]) -> LogSummary:
-    """Aggregate one experiment's log since `since` in SQL, with a connection of its own (any thread).
+def tally_arms(groups: Iterable[Row]) -> dict[str, Tally]:
+    """Each arm's counts from the counting query's rows: (arm, model, version, retried_from, requests, errors,
+    answered, feedback, correct) per group. A failed attempt retried elsewhere counts against the arm that failed
+    (as a request and an error), even an arm the log has no other row of."""
+    tallies: dict[str, Tally] = collections.defaultdict(Tally)
+    for arm, model, version, retried_from, requests, errors, answered, feedback, correct in groups:
+        tally = tallies[arm]
+        tally.requests += int(requests)
+        tally.errors += int(errors)
+        tally.answered += int(answered)
+        tally.feedback += int(feedback)
+        tally.correct += int(correct)
+        tally.targets.add(str(Target(model, version)))
+        if retried_from:
+            tallies[retried_from].requests += int(requests)
+            tallies[retried_from].errors += int(requests)
+    return dict(tallies)
 
-    Percentiles need only the order statistics around their ranks: the arms' counts come first, then one
-    sorted pass (SQLite's sorter, which spills to disk rather than growing) returns just those rows."""
-    with contextlib.closing(connect(path)) as db:
-        db.execute("BEGIN")  # one read snapshot: the ranks computed from the counts are ranks in the same rows
-        tallies: dict[str, _Tally] = collections.defaultdict(_Tally)
-        # One pass over the experiment's rows. Only answers that named a class can be right or wrong.
-        for arm, model, version, retried_from, requests, errors, answered, feedback, correct in db.execute(
-                "SELECT r.arm, r.model, r.version, r.retried_from, count(*), total(r.ok = 0), "
-                "total(r.ok AND r.status < 400), count(f.label) FILTER (WHERE r.label IS NOT NULL), "
-                "total(r.label = f.label) "
-                "FROM requests r LEFT JOIN feedback f ON f.request_id = r.request_id "
-                "WHERE r.experiment = ? AND r.at >= ? GROUP BY r.arm, r.model, r.version, r.retried_from",
-                (experiment, since)):
-            tally = tallies[arm]
-            tally.requests += requests
-            tally.errors += int(errors)
-            tally.answered += int(answered)
-            tally.feedback += feedback
-            tally.correct += int(correct)
-            tally.targets.add(str(Target(model, version)))
-            if retried_from:  # a failed attempt retried elsewhere counts against the arm that failed
-                tallies[retried_from].requests += requests
-                tallies[retried_from].errors += requests
-        latencies = _percentiles(db, experiment, since, {arm: t.answered for arm, t in tallies.items()}, percentiles)
-        shadow = tuple(ShadowSummary(target, int(compared), int(agree), int(errors)) for target, compared, agree, errors
-                       in db.execute("SELECT target, total(outcome = 'ok'), total(coalesce(agree, 0) != 0), "
-                                     "total(outcome != 'ok') FROM shadow WHERE experiment = ? AND at >= ? "
-                                     "GROUP BY target ORDER BY target", (experiment, since)))
-        events = tuple(EventRow(at, kind, detail) for at, kind, detail in db.execute(
-            "SELECT at, kind, detail FROM events WHERE experiment = ? AND at >= ? ORDER BY at", (experiment, since)))
+
+def log_summary(tallies: dict[str, Tally], latencies: dict[str, dict[float, float | None]],
+                shadow: Iterable[Row], events: Iterable[Row], percentiles: tuple[float, ...]) -> LogSummary:
+    """The summary from a backend's aggregates: tallies, latency percentiles per arm that had samples, shadow
+    (target, compared, agree, errors) per target in order, events (at, kind, detail) in time order."""
     arms = {arm: ArmSummary(t.requests, t.errors, t.feedback, t.correct, tuple(sorted(t.targets)),
                             latencies.get(arm, dict.fromkeys(percentiles))) for arm, t in tallies.items()}
-    return LogSummary(arms, shadow, events)
+    return LogSummary(arms, tuple(ShadowSummary(target, int(compared), int(agree), int(errors))
+                                  for target, compared, agree, errors in shadow),
+                      tuple(EventRow(at, kind, detail) for at, kind, detail in events))
 
 
-@dataclass
-class _Tally:
-    requests: int = 0
-    errors: int = 0
-    answered: int = 0  # successful attempts that were no client error: the latency percentiles' samples
-    feedback: int = 0
-    correct: int = 0
-    targets: set[str] = field(default_factory=set)
+def override_values(experiment: str, weights: dict[str, float], reason: str, digest: str) -> Row:
+    """An overrides row (experiment, weights as JSON, reason, config_digest, at), the same in every backend."""
+    return experiment, json.dumps(weights), reason, digest, time.time()
 
 
-def _percentiles(db: sqlite3.Connection, experiment: str, since: float, answered: dict[str, int],
-                 percentiles: tuple[float, ...]) -> dict[str, dict[float, float | None]]:
-    """Each arm's latency percentiles over its successful attempts, by linear interpolation between the two
-    order statistics around each rank (NumPy's default, as `router.stats.percentile`)."""
-    ranks = {arm: {q: rank_positions(n, q) for q in percentiles} for arm, n in answered.items() if n}
-    wanted = sorted({(arm, position) for arm, by_q in ranks.items() for low, high, _ in by_q.values()
-                     for position in (low, high)})
-    values: dict[tuple[str, int], float] = {}
-    if wanted:
-        rows = ", ".join("(?, ?)" for _ in wanted)
-        for arm, position, latency in db.execute(
-                f"WITH wanted (arm, position) AS (VALUES {rows}) "
-                "SELECT ranked.arm, ranked.position, ranked.latency_ms FROM (SELECT arm, latency_ms, "
-                "row_number() OVER (PARTITION BY arm ORDER BY latency_ms) - 1 AS position FROM requests "
-                "WHERE experiment = ? AND at >= ? AND ok = 1 AND status < 400) AS ranked "
-                "JOIN wanted ON wanted.arm = ranked.arm AND wanted.position = ranked.position",
-                [*(value for pair in wanted for value in pair), experiment, since]):
-            values[(arm, position)] = latency
-    result: dict[str, dict[float, float | None]] = {}
-    for arm, by_q in ranks.items():
-        result[arm] = {}
-        for q, (low, high, fraction) in by_q.items():
-            lower, upper = values[(arm, low)], values[(arm, high)]
-            result[arm][q] = lower + (upper - lower) * fraction
-    return result
+def override_of(weights: str, reason: str, at: float) -> Override:
+    return Override(json.loads(weights), reason, at)

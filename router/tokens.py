@@ -48,14 +48,25 @@ def bearer(authorization: str | None) -> str | None:
 
 
 def load_tokens(path: Path) -> Tokens:
-    stored: dict[str, str] = {}
-    if path.is_file():
-        stored = json.loads(path.read_text())
+    """The tokens in `path`, created (mode 0600) with random values if missing. Replicas that share the file and
+    start together agree: the file appears whole, at once, and the first one written stands."""
+    stored: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
     if not stored.get("client") or not stored.get("admin"):
-        stored = {"client": stored.get("client") or secrets.token_urlsafe(32),
-                  "admin": stored.get("admin") or secrets.token_urlsafe(32)}
+        completed = {"client": stored.get("client") or secrets.token_urlsafe(32),
+                     "admin": stored.get("admin") or secrets.token_urlsafe(32)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        draft = path.with_name(f".{path.name}.{os.getpid()}")
+        descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as handle:
-            json.dump(stored, handle, indent=2)
+            json.dump(completed, handle, indent=2)
+        try:
+            if stored:
+                os.replace(draft, path)  # completing a file that lacked a token
+            else:
+                os.link(draft, path)  # a new file: fails if another replica's came first
+        except FileExistsError:
+            completed = json.loads(path.read_text())
+        finally:
+            draft.unlink(missing_ok=True)
+        stored = completed
     return Tokens(os.environ.get(CLIENT_ENV) or stored["client"], os.environ.get(ADMIN_ENV) or stored["admin"])

@@ -1,4 +1,5 @@
-"""The router's connection to TorchServe: the kit's asyncio TorchServe client (`serving.client.AsyncClient`:
+"""The router's connection to one TorchServe host (`router.hosts` spreads attempts over several): the kit's
+asyncio TorchServe client (`serving.client.AsyncClient`:
 a keep-alive aiohttp pool and a grpc.aio channel, explicit timeouts, TorchServe's inference key read from its
 key file and renewed before it expires), configured from the experiment file, with its errors in the router's
 terms.
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from router.config import Timeouts, TorchServe
+from router.config import Host, Timeouts
 from router.errors import BadRequest, NotFound, RouterError, UpstreamUnavailable
 from serving.client import AsyncClient, AttemptFailed, Refused, Reply, Target, Unavailable
 
@@ -35,10 +36,10 @@ class TorchServeClient(AsyncClient):
     entry for the core (one upstream request in, a `Reply` out) belongs here, on top of `predict_rest` and
     `predict_grpc`: it only picks one by the request's protocol."""
 
-    def __init__(self, torchserve: TorchServe, timeouts: Timeouts, pool_size: int = 256) -> None:
-        super().__init__(torchserve, connect_timeout_s=timeouts.connect_s, request_timeout_s=timeouts.request_s,
+    def __init__(self, host: Host, timeouts: Timeouts, pool_size: int = 256) -> None:
+        super().__init__(host, connect_timeout_s=timeouts.connect_s, request_timeout_s=timeouts.request_s,
                          pool_size=pool_size)
-        self.torchserve = torchserve
+        self.host = host
         self.timeouts = timeouts
 
     def _translate(self, error: Unavailable | Refused) -> Exception:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# What `make install` needs outside Python: Java 17 (TorchServe's frontend), Fashion-MNIST, and wrk (the load
-# generator `make bench` and the router benchmark use for REST).
+# What `make install` needs outside Python: Java 17 (TorchServe's frontend), Fashion-MNIST, wrk (the load
+# generator `make bench` and the router benchmark use for REST), and PostgreSQL's server binaries (the store
+# several router replicas share: `make cluster` and the tests start a server of their own with them; any major
+# version's /usr/lib/postgresql/*/bin/initdb, or an initdb on the PATH, will do).
 # As root it installs what is missing with apt; otherwise it stops and names the exact command to run.
 set -euo pipefail
 
@@ -23,8 +25,15 @@ if ! command -v wrk >/dev/null 2>&1; then
     missing+=(wrk)
 fi
 
+postgres_initdb() {
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1
+}
+if ! postgres_initdb; then
+    missing+=(postgresql)
+fi
+
 if [[ ${#missing[@]} -eq 0 ]]; then
-    echo "system: Java $(java_major), Fashion-MNIST ($DATA_DIR) and wrk present"
+    echo "system: Java $(java_major), Fashion-MNIST ($DATA_DIR), wrk and PostgreSQL present"
     exit 0
 fi
 
@@ -38,5 +47,6 @@ fi
 
 echo "system: missing ${missing[*]}. Run:" >&2
 echo "    sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
-echo "(without apt: install a Java 17 runtime and wrk, and pass --data-dir DIR with the Fashion-MNIST IDX files)" >&2
+echo "(without apt: install a Java 17 runtime, wrk and a PostgreSQL server, and pass --data-dir DIR with the" \
+     "Fashion-MNIST IDX files)" >&2
 exit 1

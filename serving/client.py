@@ -68,7 +68,7 @@ class Endpoints(Protocol):
     @property
     def grpc_target(self) -> str: ...
     @property
-    def key_file(self) -> Path: ...
+    def key_file(self) -> Path | None: ...  # None: that TorchServe runs with token authorization off
 
 
 class ModelVersion(Protocol):
@@ -170,20 +170,28 @@ class _Core:
 
     def __init__(self, endpoints: Endpoints) -> None:
         self.endpoints = endpoints
-        self.keys = KeyFile(endpoints.key_file)
+        # No key file: TorchServe runs with token authorization off (the router's hosts in a cluster, where a
+        # NetworkPolicy lets only the router in): requests carry no key and there is nothing to renew.
+        self.keys = None if endpoints.key_file is None else KeyFile(endpoints.key_file)
         self._pb2: ModuleType | None = None
 
     # --- building requests --------------------------------------------------------------------------------------
-    def _bearer(self, kind: str = "inference") -> str:
+    def _auth(self, kind: str = "inference") -> dict[str, str]:
+        """The Authorization header for a key of `kind` (none when token authorization is off)."""
+        if self.keys is None:
+            return {}
         try:
-            return f"Bearer {self.keys.key(kind)}"
+            return {"Authorization": f"Bearer {self.keys.key(kind)}"}
         except KeyFileError as error:
             raise Unavailable(str(error), retry_after_s=error.retry_after_s) from error
 
+    def _forget_keys(self) -> None:
+        if self.keys is not None:
+            self.keys.forget()
+
     def _management(self, method: str, path: str, params: dict[str, str] | None = None,
                     kind: str = "management") -> HttpRequest:
-        return HttpRequest(method, self.endpoints.management_url + path, {"Authorization": self._bearer(kind)},
-                           params)
+        return HttpRequest(method, self.endpoints.management_url + path, self._auth(kind), params)
 
     @property
     def inference_pb2(self) -> ModuleType:
@@ -200,16 +208,19 @@ class _Core:
                            timeout_s: float | None) -> Flow[Reply]:
         url = self.endpoints.inference_url + prediction_path(target.model, target.version)
         for _ in range(2):
-            request = HttpRequest("POST", url, {"Authorization": self._bearer(), "Content-Type": content_type},
+            request = HttpRequest("POST", url, {**self._auth(), "Content-Type": content_type},
                                   body=body, timeout_s=timeout_s)
             try:
                 response: HttpResponse = yield request
             except SendFailed as failure:
                 raise AttemptFailed(failure.kind, f"{_name(target)}: {failure.detail}") from failure
             if _key_refused(response):
+                if self.keys is None:
+                    raise Unavailable(f"{self.endpoints.inference_url} requires a key, but no key file is configured "
+                                      "for it (key_file: null means its token authorization is off)", retry_after_s=5)
                 # Our key, not the client's request: it was renewed under us, so read the file again and try
                 # once more; refused twice, TorchServe is unusable for now (not a 400 for the client).
-                self.keys.forget()
+                self._forget_keys()
                 continue
             if response.status >= 500:
                 raise AttemptFailed("server_error", f"{_name(target)} answered HTTP {response.status}: "
@@ -224,12 +235,13 @@ class _Core:
         message = self.inference_pb2.PredictionsRequest(model_name=target.model, model_version=target.version or "",
                                                         input=inputs)
         for _ in range(2):
-            request = GrpcRequest("Predictions", message, (("authorization", self._bearer()),), timeout_s)
+            metadata = tuple((name.lower(), value) for name, value in self._auth().items())
+            request = GrpcRequest("Predictions", message, metadata, timeout_s)
             try:
                 response = yield request
             except GrpcFailed as failure:
-                if failure.code == grpc.StatusCode.PERMISSION_DENIED:
-                    self.keys.forget()
+                if failure.code == grpc.StatusCode.PERMISSION_DENIED and self.keys is not None:
+                    self._forget_keys()
                     continue
                 raise self._grpc_failure(target, failure, timeout_s) from failure
             return Reply(200, bytes(response.prediction))
@@ -248,8 +260,8 @@ class _Core:
 
     def _ping_flow(self) -> Flow[bool]:
         try:
-            request = HttpRequest("GET", f"{self.endpoints.inference_url}/ping",
-                                  {"Authorization": self._bearer()}, timeout_s=PING_TIMEOUT_S)
+            request = HttpRequest("GET", f"{self.endpoints.inference_url}/ping", self._auth(),
+                                  timeout_s=PING_TIMEOUT_S)
             response: HttpResponse = yield request
             return response.status == 200 and json.loads(response.body).get("status") == "Healthy"
         except (SendFailed, Unavailable, ValueError, AttributeError):
@@ -310,6 +322,8 @@ class _Core:
     def _renew_keys_flow(self, margin_s: float, kinds: tuple[str, ...] = EXPIRING_KINDS) -> Flow[list[str]]:
         """Renew each of `kinds` that expires within `margin_s` (TorchServe rewrites its key file); the kinds
         renewed. Every due kind is tried before a failure is raised."""
+        if self.keys is None:
+            return []
         try:
             due = self.keys.expiring(margin_s, kinds)
         except KeyFileError as error:
@@ -327,7 +341,7 @@ class _Core:
             else:
                 failed.append(f"{kind}: HTTP {response.status} {_snippet(response.body)}")
         if renewed:
-            self.keys.forget()
+            self._forget_keys()
         if failed:
             raise Unavailable("renewing TorchServe's keys failed: " + "; ".join(failed), retry_after_s=5)
         return renewed
@@ -335,6 +349,8 @@ class _Core:
     def _token_flow(self, kind: str) -> Flow[str]:
         """The current key of `kind`, renewed first when it expires within KEY_RENEWAL_MARGIN_S."""
         yield from self._renew_keys_flow(KEY_RENEWAL_MARGIN_S, (kind,))
+        if self.keys is None:
+            raise Unavailable(f"{self.endpoints.inference_url} runs with token authorization off: it has no keys")
         try:
             return self.keys.key(kind)
         except KeyFileError as error:

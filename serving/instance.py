@@ -47,10 +47,6 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _loopback_url(port: int) -> str:
-    return f"http://{LOOPBACK}:{port}"
-
-
 @dataclass(frozen=True)
 class Instance:
     """What a running (or last started) TorchServe of one run directory is: saved as serve.json.
@@ -64,22 +60,29 @@ class Instance:
     models_file: Path
     ports: Ports = field(default_factory=Ports)
     model_configs: Path = MODEL_CONFIGS  # <variant>.yaml: workers and batching per variant
+    # Where every listener binds: loopback, unless the instance is a host of its own in a network namespace
+    # (`serving.netns`, the cluster rehearsal), reachable only over the link made for it.
+    address: str = LOOPBACK
+    netns: str | None = None
+
+    def _url(self, port: int) -> str:
+        return f"http://{self.address}:{port}"
 
     @property
     def inference_url(self) -> str:
-        return _loopback_url(self.ports.inference)
+        return self._url(self.ports.inference)
 
     @property
     def management_url(self) -> str:
-        return _loopback_url(self.ports.management)
+        return self._url(self.ports.management)
 
     @property
     def metrics_url(self) -> str:
-        return _loopback_url(self.ports.metrics)
+        return self._url(self.ports.metrics)
 
     @property
     def grpc_target(self) -> str:
-        return f"{LOOPBACK}:{self.ports.grpc_inference}"
+        return f"{self.address}:{self.ports.grpc_inference}"
 
     @property
     def key_file(self) -> Path:
@@ -100,7 +103,7 @@ class Instance:
     def save(self) -> None:
         state = {"run_dir": str(self.run_dir), "model_store": str(self.model_store),
                  "models_file": str(self.models_file), "ports": asdict(self.ports),
-                 "model_configs": str(self.model_configs)}
+                 "model_configs": str(self.model_configs), "address": self.address, "netns": self.netns}
         (self.run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
     @classmethod
@@ -110,7 +113,8 @@ class Instance:
             raise ServeError(f"no TorchServe was started from {run_dir} (no {STATE_FILE}); run `make serve`")
         state = json.loads(path.read_text())
         return cls(Path(state["run_dir"]), Path(state["model_store"]), Path(state["models_file"]),
-                   Ports(**state["ports"]), Path(state["model_configs"]))
+                   Ports(**state["ports"]), Path(state["model_configs"]), state.get("address", LOOPBACK),
+                   state.get("netns"))
 
     # Shortcuts for scripts and tests that send their own requests; the keys are read (and renewed when close
     # to expiry) by serving.client, the one place that knows TorchServe's key file.

@@ -84,6 +84,8 @@ def start(instance: Instance, timeout: float = 300.0, env: dict[str, str] | None
     instance.save()
     command = [torchserve_binary(), "--start", "--ts-config", str(config), "--model-store",
                str(instance.model_store), "--ncs"]
+    if instance.netns is not None:  # a host of its own: the launcher and the Java server it forks live in there
+        command = ["ip", "netns", "exec", instance.netns, *command]
     log.info("starting TorchServe: %s", " ".join(command))
     # The Java server inherits the launcher's stdout/stderr: a file, never a pipe that nobody would drain.
     console = instance.log_dir / "console.log"
@@ -166,7 +168,7 @@ def describe(instance: Instance) -> str:
     example = entries[0].name
     image = REPO / "runs" / "examples" / "sneaker.png"
     return "\n".join([
-        "TorchServe is up (all listeners on 127.0.0.1):",
+        f"TorchServe is up (all listeners on {instance.address}):",
         f"  REST inference   {instance.inference_url}/predictions/<model>[/<version>]",
         f"  REST management  {instance.management_url}/models",
         f"  KServe v2        {instance.inference_url}/v2/models/<model>/infer",

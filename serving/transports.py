@@ -143,6 +143,8 @@ class AsyncTransport:
             async with self.session.request(request.method, request.url, params=request.params, data=request.body,
                                             headers=request.headers, **options) as r:
                 return HttpResponse(r.status, await r.read(), r.headers)
+        except aiohttp.ConnectionTimeoutError as error:  # no connection within connect_s: unreachable, not slow
+            raise SendFailed("connection", f"no connection within {self.connect_timeout_s:g} s") from error
         except TimeoutError as error:
             raise SendFailed("timeout", f"no answer within {request.timeout_s or self.request_timeout_s:g} s") \
                 from error

@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 
 from serving.project import REPO
+from tests.postgres import ScratchPostgres, missing_reason
 
 # Handler modules are imported by their bare names, as TorchServe imports them from an unpacked .mar.
 sys.path.insert(0, str(REPO / "handlers"))
@@ -86,6 +87,17 @@ def test_images() -> tuple[torch.Tensor, torch.Tensor]:
 
     split = load_split("fashion-mnist", "test").subset(16)
     return split.images, split.labels
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[ScratchPostgres]:
+    """A real PostgreSQL on a free loopback port for the whole session (tests.postgres); each test takes a
+    database of its own (`postgres.database()`). Skipped, saying why, only where PostgreSQL is not installed."""
+    reason = missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with ScratchPostgres() as server:
+        yield server
 
 
 # One worker per version. The distilled model gets a long batch window, so concurrent test requests share a

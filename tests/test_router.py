@@ -114,12 +114,13 @@ def scale(instance: server.Instance, model: str, workers: int) -> None:
     assert response.status_code == 200, response.text
 
 
-def launch(torchserve: server.Instance, root: Path, experiments: dict[str, Any], **settings: Any) -> Stack:
-    """Start a real router (as `make serve` does) in front of `torchserve`, on free loopback ports."""
+def launch(instance: server.Instance, root: Path, experiments: dict[str, Any], **settings: Any) -> Stack:
+    """Start a real router (as `make serve` does) in front of TorchServe `instance`, on free loopback ports;
+    `settings` add to (or replace) the experiment file's sections."""
     rest_port, grpc_port = free_ports(2)
     document = {
-        "torchserve": {"inference_url": torchserve.inference_url, "management_url": torchserve.management_url,
-                       "grpc_target": torchserve.grpc_target, "key_file": str(torchserve.key_file)},
+        "torchserve": {"inference_url": instance.inference_url, "management_url": instance.management_url,
+                       "grpc_target": instance.grpc_target, "key_file": str(instance.key_file)},
         "listen": {"host": "127.0.0.1", "rest_port": rest_port, "grpc_port": grpc_port},
         "state_dir": str(root / "state"),
         "timeouts": {"connect_s": 1, "request_s": 20, "shadow_s": 0.15},
@@ -132,7 +133,7 @@ def launch(torchserve: server.Instance, root: Path, experiments: dict[str, Any],
     process.start(config_path)
     config = load_config(config_path)
     tokens = load_tokens(config.tokens_file)
-    return Stack(torchserve, config_path, f"http://127.0.0.1:{rest_port}", f"127.0.0.1:{grpc_port}",
+    return Stack(instance, config_path, f"http://127.0.0.1:{rest_port}", f"127.0.0.1:{grpc_port}",
                  tokens.client, tokens.admin, process.log_file(config))
 
 

@@ -46,12 +46,16 @@ class Upstream:
     async def infer(self, target: Target, request: InferenceRequest, timeout_s: float) -> Reply:
         self.calls.append(target.model)
         try:
-            return await asyncio.wait_for(self.behaviour[target.model](), timeout_s)
+            limit_s = request.timeout_s(timeout_s)  # as router.hosts bounds an attempt
+            return await asyncio.wait_for(self.behaviour[target.model](), limit_s)
         except TimeoutError as error:  # as TorchServeClient reports a timeout
-            raise AttemptFailed("timeout", f"{target} did not answer within {timeout_s:g} s") from error
+            raise AttemptFailed("timeout", f"{target} did not answer within {limit_s:g} s") from error
 
     async def served_models(self) -> dict[str, set[str]]:
         return {name: {"1.0"} for name in self.behaviour}
+
+    def describe(self) -> dict[str, Any]:
+        return {}
 
     async def ping(self) -> bool:
         return True

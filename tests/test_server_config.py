@@ -266,12 +266,12 @@ def test_the_model_list_is_read_page_by_page_with_the_management_key(core: Clien
 
 
 def test_the_router_sees_the_client_errors_as_its_own(tmp_path: Path) -> None:
-    from router.config import Timeouts, TorchServe
+    from router.config import Host, Timeouts
     from router.errors import BadRequest, NotFound, UpstreamUnavailable
     from router.upstream import TorchServeClient
 
     async def without_torchserve() -> None:
-        client = TorchServeClient(TorchServe(key_file=tmp_path / "key_file.json"), Timeouts())
+        client = TorchServeClient(Host(key_file=tmp_path / "key_file.json"), Timeouts())
         await client.open()
         try:
             assert await client.ping() is False
