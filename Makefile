@@ -37,7 +37,7 @@ ROUTER_CONFIG ?= router/experiments.yaml
 SOAK_S        ?= 300
 MARS := $(foreach v,full pruned int8 distilled,model_store/fashion-$(v)-v$(VERSION).mar)
 
-.PHONY: help install data train report archive serve cluster stop status loadtest bench chaos test lint clean distclean
+.PHONY: help install data train report archive serve cluster stop status loadtest bench capacity manifests chaos test lint clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -112,6 +112,13 @@ loadtest: $(STAMP)  ## Locust runs against the stack `make serve` started: repor
 bench: $(STAMP)  ## the performance ratios, measured in one run against `make serve`'s stack: reports/bench.md
 	$(PY) -m loadtest.bench
 
+capacity: $(STAMP)  ## after `make bench`: TorchServe and router pods for 1k, 10k and 100k req/s: reports/capacity.md
+	$(PY) -m loadtest.capacity
+
+manifests: $(STAMP)  ## render deploy/k8s/base/generated/ from the repo's files; `kubectl kustomize` each overlay
+	$(PY) -m serving.manifests
+	@for overlay in deploy/k8s/overlays/*/; do kubectl kustomize $$overlay > /dev/null && echo "$$overlay renders"; done
+
 chaos: $(STAMP)  ## after `make serve`: the reliability suite, then a soak of that stack (SOAK_S s): reports/reliability.md
 	CHAOS_REPORT=$(REPORTS)/reliability.md $(PY) -m pytest tests/reliability
 	$(PY) -m loadtest.soak --duration $(SOAK_S) --run-dir $(RUN_DIR) --router-config $(ROUTER_CONFIG) \
@@ -125,7 +132,7 @@ lint: $(STAMP)  ## ruff and mypy
 	$(VENV)/bin/mypy
 
 clean: stop  ## stop TorchServe, remove built artifacts (checkpoints, reports, archives, run directories)
-	rm -rf $(CKPT) $(REPORTS) runs model_store/*.mar .pytest_cache serving/_grpc
+	rm -rf $(CKPT) $(REPORTS) runs model_store/*.mar .pytest_cache serving/_grpc deploy/k8s/base/generated
 
 distclean: clean  ## also the venv
 	rm -rf $(VENV) *.egg-info

@@ -293,7 +293,8 @@ def main(args: argparse.Namespace) -> int:
     if server.running_pid(instance) is None:
         log.error("no TorchServe running from %s: run `make serve` first", args.run_dir)
         return 1
-    results: dict[str, Any] = {"served": {}, "in_process": {}}
+    # The machine's cores: served throughput is per machine, and loadtest.capacity turns it into per core.
+    results: dict[str, Any] = {"served": {}, "in_process": {}, "cores": multiprocessing.cpu_count()}
     bodies = [item.png for item in test_items(64)]
     for variant in VARIANTS:
         rest_load(instance, model_name(variant), args.image, WARM_UP_S)  # measure warm workers
@@ -308,7 +309,9 @@ def main(args: argparse.Namespace) -> int:
         overhead_args = router_overhead.get_args_parser().parse_args(
             ["--connections", "1", str(CONNECTIONS), "--rounds", str(args.rounds), "--duration-s",
              str(args.duration_s), "--run-dir", str(args.run_dir)])
-        results["router"] = overhead_table(*router_overhead.measure(overhead_args))
+        measured = router_overhead.measure(overhead_args)
+        results["router"] = overhead_table(*measured)
+        results["router_cpu_us"] = router_overhead.cpu_per_request(measured[0])  # loadtest.capacity sizes with it
     if "stock" not in args.skip:
         results["handlers"] = handler_comparison(args.checkpoints, args.image, args.duration_s, args.rounds)
         log.info("handlers: %s", results["handlers"])

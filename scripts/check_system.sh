@@ -2,7 +2,8 @@
 # What `make install` needs outside Python: Java 17 (TorchServe's frontend), Fashion-MNIST, wrk (the load
 # generator `make bench` and the router benchmark use for REST), and PostgreSQL's server binaries (the store
 # several router replicas share: `make cluster` and the tests start a server of their own with them; any major
-# version's /usr/lib/postgresql/*/bin/initdb, or an initdb on the PATH, will do).
+# version's /usr/lib/postgresql/*/bin/initdb, or an initdb on the PATH, will do), and kubectl (its kustomize
+# renders the Kubernetes manifests, offline).
 # As root it installs what is missing with apt; otherwise it stops and names the exact command to run.
 set -euo pipefail
 
@@ -28,12 +29,15 @@ fi
 postgres_initdb() {
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1
 }
+if ! command -v kubectl >/dev/null 2>&1; then
+    missing+=(kubectl)  # its built-in kustomize renders deploy/k8s/ offline (tests/test_deploy.py, make manifests)
+fi
 if ! postgres_initdb; then
     missing+=(postgresql)
 fi
 
 if [[ ${#missing[@]} -eq 0 ]]; then
-    echo "system: Java $(java_major), Fashion-MNIST ($DATA_DIR), wrk and PostgreSQL present"
+    echo "system: Java $(java_major), Fashion-MNIST ($DATA_DIR), wrk, kubectl and PostgreSQL present"
     exit 0
 fi
 
@@ -47,6 +51,6 @@ fi
 
 echo "system: missing ${missing[*]}. Run:" >&2
 echo "    sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
-echo "(without apt: install a Java 17 runtime, wrk and a PostgreSQL server, and pass --data-dir DIR with the" \
+echo "(without apt: install a Java 17 runtime, wrk, kubectl and a PostgreSQL server, and pass --data-dir DIR with the" \
      "Fashion-MNIST IDX files)" >&2
 exit 1

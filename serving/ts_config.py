@@ -29,14 +29,17 @@ SNAPSHOT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "resp
 ARCHIVE_NAME = r"[A-Za-z0-9_.-]+\.mar"
 
 
-def model_snapshot(entries: list[ModelEntry], model_store: Path, model_configs: Path) -> dict[str, Any]:
+def model_snapshot(entries: list[ModelEntry], model_store: Path, model_configs: Path,
+                   check_archives: bool = True) -> dict[str, Any]:
+    """The snapshot of `entries`, their archives in `model_store`. `check_archives` False: the store is somewhere
+    else (inside an image, `serving.manifests`), so whether its archives exist cannot be checked here."""
     models: dict[str, dict[str, Any]] = {}
     for entry in entries:
         settings = yaml.safe_load((model_configs / f"{entry.variant}.yaml").read_text())
         models[entry.name] = {}
         for version in entry.versions:
             mar = mar_file_name(entry.name, version)
-            if not (model_store / mar).is_file():
+            if check_archives and not (model_store / mar).is_file():
                 raise ServeError(f"{model_store / mar} is missing; run `make archive`")
             models[entry.name][version] = {
                 "defaultVersion": version == entry.default,
@@ -72,20 +75,27 @@ def properties_value(value: str) -> str:
     return "\\" + escaped if escaped[:1] in (" ", "\t") else escaped  # leading blanks would be dropped
 
 
-def render_config(instance: Instance, base_config: Path = BASE_CONFIG) -> str:
-    """`base_config` with this instance's ports, model store and snapshot filled in."""
+def render_config(instance: Instance, base_config: Path = BASE_CONFIG, settings: dict[str, str] | None = None,
+                  check_archives: bool = True) -> str:
+    """`base_config` with this instance's ports, model store and snapshot filled in; `settings` replace more of
+    the base file's values (a pod's: token authorization off behind a NetworkPolicy, `serving.manifests`)."""
     ports = instance.ports
     overrides = {
+        **(settings or {}),
         "inference_address": instance.inference_url,
         "management_address": instance.management_url,
         "metrics_address": instance.metrics_url,
+        # gRPC inference binds where the REST listeners do (the router's gRPC front end forwards to it); gRPC
+        # management keeps the base file's loopback address: nothing outside the host needs it.
+        "grpc_inference_address": instance.address,
         "grpc_inference_port": str(ports.grpc_inference),
         "grpc_management_port": str(ports.grpc_management),
         "initial_worker_port": str(ports.initial_worker),
         "model_store": str(instance.model_store),
         "allowed_urls": allowed_urls(instance.model_store),
         "model_snapshot": json.dumps(
-            model_snapshot(read_models(instance.models_file), instance.model_store, instance.model_configs)
+            model_snapshot(read_models(instance.models_file), instance.model_store, instance.model_configs,
+                           check_archives)
         ),
     }
     lines = []
