@@ -3,7 +3,10 @@ process, stop it (SIGTERM, then SIGKILL), and show the end of its log when it fa
 launcher writes the pid file itself) and for the router.
 
 A pid file can outlive its process and the pid be reused, so a pid counts only while its process is alive, not
-a zombie, older than the pid file, and its command line is the one we started (`owns`).
+a zombie, and its command line is the one we started (`owns`: for TorchServe, its own run directory's config).
+Not by comparing the process's start time with the file's: psutil derives a start time from the boot time as the
+wall clock sees it now, so a step of the machine's clock (these VMs have them) makes a live process look younger
+than its pid file, and it would be left running, unstoppable.
 """
 
 from __future__ import annotations
@@ -19,8 +22,6 @@ import psutil
 
 log = logging.getLogger(__name__)
 
-START_SLACK_S = 2.0  # process start times and file times come from different clocks (boot-relative vs wall)
-
 # Processes this process launched, by pid: their Popen objects reap them (and keep their exit status), and are
 # kept so that they are not collected while the child runs.
 _launched: dict[int, subprocess.Popen[bytes]] = {}
@@ -35,12 +36,10 @@ class PidFile:
     def process(self) -> psutil.Process | None:
         """The live process the pid file names, if it is ours; else None."""
         try:
-            pid = int(self.path.read_text().strip())
-            written = self.path.stat().st_mtime
-            process = psutil.Process(pid)
-            if process.status() == psutil.STATUS_ZOMBIE or process.create_time() > written + START_SLACK_S:
-                return None  # gone (not yet reaped), or the pid was reused after the file was written
-            return process if self.owns(process.cmdline()) else None
+            process = psutil.Process(int(self.path.read_text().strip()))
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return None  # gone, not yet reaped
+            return process if self.owns(process.cmdline()) else None  # else: the pid was reused
         except (FileNotFoundError, ValueError, psutil.Error):
             return None
 

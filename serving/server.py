@@ -38,7 +38,14 @@ FRONTEND_CLASS = "org.pytorch.serve.ModelServer"  # on the Java frontend's comma
 
 def _pid_file(instance: Instance) -> PidFile:
     # TorchServe's launcher writes the Java frontend's pid into TEMP (the instance's own folder, see _environment).
-    return PidFile(instance.pid_file, lambda cmdline: FRONTEND_CLASS in cmdline, name="TorchServe")
+    # Ours is the frontend started with this run directory's config (`-f <run_dir>/config.properties`).
+    config = os.path.realpath(instance.run_dir / "config.properties")
+
+    def owns(cmdline: list[str]) -> bool:
+        return FRONTEND_CLASS in cmdline and any(os.path.realpath(arg) == config for arg in cmdline
+                                                 if arg.endswith("config.properties"))
+
+    return PidFile(instance.pid_file, owns, name="TorchServe")
 
 
 def running_pid(instance: Instance) -> int | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import os
 import re
 import sys
 import time
@@ -306,6 +307,28 @@ def test_a_pid_file_names_our_process_only_while_it_runs(sleeper: PidFile, tmp_p
     assert sleeper.stop() is None  # nothing left to stop
     sleeper.path.write_text(f"{process.pid}\n")  # a stale file: that pid has exited
     assert sleeper.pid() is None
+
+
+def test_a_pid_file_survives_a_step_of_the_wall_clock(sleeper: PidFile, tmp_path: Path) -> None:
+    """A live process whose pid file looks older than the process (the clock stepped forward since it started)
+    is still ours: judged by its command line, not by comparing a start time with the file's time."""
+    process = sleeper.launch([sys.executable, "-c", "import time; time.sleep(60)", "sleep-marker"],
+                             tmp_path / "sleep.log")
+    past = time.time() - 3600
+    os.utime(sleeper.path, (past, past))
+    assert sleeper.pid() == process.pid
+    assert sleeper.stop(timeout_s=5) == process.pid
+
+
+def test_torchserve_is_ours_only_with_its_own_run_directorys_config(tmp_path: Path) -> None:
+    from serving.server import FRONTEND_CLASS, _pid_file
+
+    instance = Instance(tmp_path / "run", tmp_path / "store", tmp_path / "models.yaml")
+    owns = _pid_file(instance).owns
+    java = ["java", "-cp", "x", FRONTEND_CLASS, "--python", "python", "-f"]
+    assert owns([*java, str(tmp_path / "run" / "config.properties"), "-s", "store"])
+    assert not owns([*java, str(tmp_path / "other" / "config.properties")])  # another instance's TorchServe
+    assert not owns(["python", "-f", str(tmp_path / "run" / "config.properties")])
 
 
 def test_a_process_that_ignores_sigterm_is_killed(sleeper: PidFile, tmp_path: Path,
