@@ -36,8 +36,11 @@ ROUTER_CONFIG ?= router/experiments.yaml
 # The soak `make chaos` runs against `make serve`'s stack, at 70 % of its measured saturation.
 SOAK_S        ?= 300
 MARS := $(foreach v,full pruned int8 distilled,model_store/fashion-$(v)-v$(VERSION).mar)
+# ONNX exports of the trained variants and ONNX Runtime's int8 of the full model (`make onnx`, not part of train).
+ONNX_FLAGS ?=
+ONNX_MODELS := $(foreach v,full pruned distilled int8,$(CKPT)/$(v)-onnx.onnx)
 
-.PHONY: help install data train report archive serve cluster stop status loadtest bench capacity manifests chaos test lint clean distclean
+.PHONY: help install data train onnx report archive serve cluster stop status loadtest bench capacity manifests chaos test lint clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -75,6 +78,17 @@ $(CKPT)/distilled.pt: $(CKPT)/full.pt training/distill.py $(CORE)
 
 $(CKPT)/student_baseline.pt: training/train.py $(CORE) | $(STAMP)
 	$(PY) -m training.train --dataset $(DATASET) --data-dir $(DATA_DIR) --output $@ --arch student --variant student-baseline $(STUDENT_FLAGS)
+
+onnx: $(ONNX_MODELS)  ## ONNX exports of full, pruned, distilled, and ONNX Runtime's static int8 of full (int8-onnx)
+
+# Each checked against its parent on the test set (training/export_onnx.py); the explicit int8 rule wins over the
+# pattern, which would otherwise export the FX int8 TorchScript.
+$(CKPT)/%-onnx.onnx: $(CKPT)/%.pt training/export_onnx.py $(CORE)
+	$(PY) -m training.export_onnx --dataset $(DATASET) --data-dir $(DATA_DIR) --parent $< --output $@ $(ONNX_FLAGS)
+
+$(CKPT)/int8-onnx.onnx: $(CKPT)/full.pt training/export_onnx.py $(CORE)
+	$(PY) -m training.export_onnx --dataset $(DATASET) --data-dir $(DATA_DIR) --parent $< --quantize --output $@ \
+		$(ONNX_FLAGS)
 
 report: $(REPORTS)/variants.md  ## Markdown table + PNG plot of the variants, from their cards
 

@@ -1,7 +1,8 @@
 """What training and serving share: preprocessing constants, the CNN, and how a saved variant is loaded.
 
 Every `.mar` carries this one file next to its handler, so it imports nothing from the project and nothing
-beyond torch and the standard library. Change a constant here and both sides change together.
+beyond torch and the standard library (and onnxruntime, only when an ONNX file is loaded). Change a constant here
+and both sides change together.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ DEFAULT_DATASET = "fashion-mnist"
 # Saved forms of a variant (the card's "format" field).
 FORMAT_STATE_DICT = "state_dict"  # torch.save({"model_args": ..., "state_dict": ...}); needs FashionCNN
 FORMAT_TORCHSCRIPT = "torchscript"  # torch.jit.save of a traced module; needs no Python class
+FORMAT_ONNX = "onnx"  # an ONNX file run by ONNX Runtime; needs no Python class, and runs without torch elsewhere
+# An ONNX variant is named after the PyTorch variant it stands in for: full -> full-onnx, int8 -> int8-onnx.
+ONNX_SUFFIX = "-onnx"
 
 
 @dataclass(frozen=True)
@@ -148,17 +152,68 @@ def save_state_dict_checkpoint(model: FashionCNN, path: str | Path, dataset: str
     torch.save(payload, path)
 
 
-def load_model(path: str | Path, model_format: str) -> nn.Module:
+# How a torch variant's tensors are laid out (the model config's `handler.memory_format`).
+CONTIGUOUS, CHANNELS_LAST = "contiguous", "channels_last"
+MEMORY_FORMATS = (CONTIGUOUS, CHANNELS_LAST)
+
+
+class ChannelsLast(nn.Module):
+    """A torch variant run in channels-last memory format: its weights converted once, each batch on its way in.
+    oneDNN's convolutions then read NHWC without reordering (`python -m loadtest.forward_speed` measures it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=torch.channels_last))
+
+
+class OnnxModel(nn.Module):
+    """An ONNX Runtime session that takes and returns torch tensors, so callers treat it like the other variants.
+
+    Its threads are fixed when the session is made: `threads` intra-op threads, one inter-op thread, sequential
+    execution. (TorchServe's own ONNX path gives every session all logical CPUs, which oversubscribes the CPU as
+    soon as two workers share it; torch.set_num_threads does not reach ONNX Runtime.)
+    """
+
+    def __init__(self, path: str | Path, threads: int = 1) -> None:
+        super().__init__()
+        # Imported here, not at the top: training and the torch variants' workers never need onnxruntime.
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name: str = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (logits,) = self.session.run(None, {self.input_name: x.detach().to(torch.float32).contiguous().numpy()})
+        return torch.from_numpy(logits)
+
+
+def load_model(path: str | Path, model_format: str, threads: int = 1, memory_format: str = CONTIGUOUS) -> nn.Module:
     """Load a saved variant for inference, in eval mode, without unpickling code.
 
     state_dict checkpoints go through `torch.load(weights_only=True)`; TorchScript archives hold no pickled
-    Python objects of ours and are loaded with `torch.jit.load`.
+    Python objects of ours and are loaded with `torch.jit.load`; ONNX files become an `OnnxModel` with `threads`
+    intra-op threads. (torch's thread count is process-wide, so for the torch formats the caller sets it with
+    torch.set_num_threads and `threads` is not used.) `memory_format` channels_last applies to state_dict
+    variants; the saved forms that fix their own layout (TorchScript, ONNX) ignore it, so an ONNX export can
+    share the model config of the variant it stands in for.
     """
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
     if model_format == FORMAT_STATE_DICT:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         model = FashionCNN.from_model_args(payload["model_args"])
         model.load_state_dict(payload["state_dict"])
-        return model.eval()
+        return (ChannelsLast(model) if memory_format == CHANNELS_LAST else model).eval()
     if model_format == FORMAT_TORCHSCRIPT:
         return torch.jit.load(str(path), map_location="cpu").eval()
-    raise ValueError(f"unknown model format {model_format!r}; expected {FORMAT_STATE_DICT!r} or {FORMAT_TORCHSCRIPT!r}")
+    if model_format == FORMAT_ONNX:
+        return OnnxModel(path, threads).eval()
+    raise ValueError(f"unknown model format {model_format!r}; expected {FORMAT_STATE_DICT!r}, "
+                     f"{FORMAT_TORCHSCRIPT!r} or {FORMAT_ONNX!r}")

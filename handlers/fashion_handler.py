@@ -1,16 +1,18 @@
 """TorchServe handler for every Fashion-MNIST variant (full, pruned, int8, distilled).
 
 A thin BaseHandler subclass on TorchServe's seams: `preprocess` decodes each request, `inference` runs the model
-once on the batch's good requests, `postprocess` formats each answer, and `handle` chains them and records
-`HandlerTime` as BaseHandler does (TorchServe's service adds `PredictionTime` around it). On top of that, what a
-production endpoint needs: the weights are checked against their model card before the first request, the
-worker's torch thread count comes from the archive's `model-config.yaml`, class names come from the archive's
-`index_to_name.json` (TorchServe's label-mapping convention), and bad input fails only its own request (HTTP
-400 with a message) while the rest of the batch is answered. Unlike BaseHandler.handle, the `describe` and
-`explain` request headers are not honoured: any client could set them, and either turns the whole batch into
-something else (a wrong-length answer that fails every request in it with 503).
+once on every image of the batch's good requests, `postprocess` formats each answer, and `handle` chains them
+and records `HandlerTime` as BaseHandler does (TorchServe's service adds `PredictionTime` around it). On top of
+that, what a production endpoint needs: the weights are checked against their model card before the first
+request, the worker's torch thread count comes from the archive's `model-config.yaml`, class names come from the
+archive's `index_to_name.json` (TorchServe's label-mapping convention), the Open Inference Protocol signature
+(the batch limit, the output names and datatypes) from the archive's `signature.json` (the file the router reads
+too), and bad input fails only its own request (HTTP 400 with a message) while the rest of the batch is
+answered. Unlike BaseHandler.handle, the `describe` and `explain` request headers are not honoured: any client
+could set them, and either turns the whole batch into something else (a wrong-length answer that fails every
+request in it with 503).
 
-Accepted inputs, per request (requests in one batch may mix them):
+Accepted inputs, per request (requests in one batch may mix them; request_decoding.py has the exact rules):
   * an image body: PNG, JPEG, GIF, BMP, TIFF, WebP or PPM, any colour mode, up to 384×384 pixels (a baseline
     JPEG up to 2048×2048) and 1 MB; of an animation, the first frame. It is made to look like the training data:
     grayscale, inverted when its background is light (Fashion-MNIST has light garments on black), scaled so its
@@ -18,13 +20,19 @@ Accepted inputs, per request (requests in one batch may mix them):
   * JSON `{"data": PIXELS}`: a 28×28 nested list or 784 numbers, pixel intensities in [0, 255] with the
     garment light on a dark background, exactly like the data set's uint8 pixels.
   * JSON `{"data": "<base64 image>"}` (or `"image"`): an image, as above.
-  * KServe v2 (Open Inference Protocol) JSON: `{"inputs": [{"name", "shape": [1, 28, 28], "datatype": "FP32",
-    "data": [...]}]}` (or datatype BYTES, shape [1], with a base64 image); answered in the v2 response format.
   * optional `"topk"` (JSON field, form field or gRPC input key): how many classes to return (default 3).
+  * Open Inference Protocol (KServe v2), N images in one request (1 <= N <= `max_images` of signature.json):
+      - an NPY file body (numpy's .npy, b"\\x93NUMPY..."): dtype |u1 (UINT8) or <f4 (FP32), C order, shape
+        [28, 28], [784], [1, 784], [1, 28, 28], [1, 1, 28, 28] (one image) or [N, 28, 28], [N, 784],
+        [N, 1, 28, 28]; what the router forwards for a client's numeric tensor;
+      - v2 JSON `{"id", "inputs": [{"name", "shape", "datatype": "FP32" or "UINT8", "data": [...]}]}` with
+        those shapes (a direct client is limited by the JSON bound: 4096 values, five images), or datatype
+        "BYTES", shape [N], one base64 image file per element.
 
 Answer: {"label", "class", "topk": [{"label", "class", "probability"}...], "model": {"name", "version",
-"variant"}}. A v2 answer: {"id", "model_name", "model_version", "outputs": [label INT64 [1], class BYTES [1],
-probabilities FP32 [1, 10]]}. An error (either protocol): {"error": {"code": 400, "type": "InvalidInput",
+"variant"}}. A v2 answer (NPY or v2 JSON), N rows, outputs named and typed by signature.json: {"id" (the
+request's, "" for NPY), "model_name", "model_version", "outputs": [label INT64 [N], class BYTES [N],
+probabilities FP32 [N, 10]]}. An error (any form): {"error": {"code": 400, "type": "InvalidInput",
 "message": ...}, "model": {...}}, with HTTP status 400 on REST; gRPC ignores per-request status codes, so there
 the body is the contract. Messages are at most 300 characters and quote no unbounded input. REST answers carry
 `X-Batch-Size`: how many requests shared the batch.
@@ -44,7 +52,7 @@ from typing import Any
 import open_inference
 import torch
 from invalid_input import InvalidInput, Refusal, clip, error_body
-from request_decoding import Request, decode_request
+from request_decoding import ACCEPTED_DATATYPES, Request, decode_request
 from ts.torch_handler.base_handler import BaseHandler
 
 import fashion_cnn
@@ -53,6 +61,9 @@ log = logging.getLogger(__name__)
 
 CARD_FILE = "card.json"
 LABELS_FILE = "index_to_name.json"
+SIGNATURE_FILE = "signature.json"
+# The v2 outputs this handler can form, by the name signature.json gives them; their datatypes come from there.
+OUTPUTS = ("label", "class", "probabilities")
 # The HTTP reason phrase stays plain ASCII on one line; what is wrong goes in the JSON body.
 BAD_REQUEST = "Bad Request"
 # TorchServe's worker json.loads every application/json body before the handler sees it unless this is "false"
@@ -83,8 +94,12 @@ class FashionHandler(BaseHandler):
         threads = int(handler_config.get("threads", 1))
         torch.set_num_threads(threads)
         self.dataset = self.card["dataset"]
-        self.model = fashion_cnn.load_model(weights, self.card["format"])
+        # channels_last where `python -m loadtest.forward_speed` measured it faster (model_configs/<variant>.yaml)
+        memory_format = str(handler_config.get("memory_format", fashion_cnn.CONTIGUOUS))
+        self.model = fashion_cnn.load_model(weights, self.card["format"], threads, memory_format)
         self.classes = self._class_names(os.path.join(model_dir, LABELS_FILE))
+        self.signature = self._signature(os.path.join(model_dir, SIGNATURE_FILE))
+        self.max_images: int = self.signature["max_images"]
         self.model_info = {
             "name": context.model_name,
             "version": str(context.manifest["model"].get("modelVersion", "")),
@@ -92,7 +107,8 @@ class FashionHandler(BaseHandler):
         }
         os.environ[DECODE_INPUT_ENV] = "false"
         self.initialized = True
-        log.info("loaded %s (%s, sha256 verified) with %d torch threads", self.model_info, weights, threads)
+        log.info("loaded %s (%s, sha256 verified) with %d threads, %s", self.model_info, weights, threads,
+                 memory_format)
 
     def _class_names(self, path: str) -> list[str]:
         """index_to_name.json's names, one per model output (checked with a warm-up forward pass)."""
@@ -105,6 +121,28 @@ class FashionHandler(BaseHandler):
                 isinstance(name, str) for name in mapping.values()):
             raise RuntimeError(f"{path} must name each of the model's {outputs} classes (keys '0'..'{outputs - 1}')")
         return [mapping[str(index)] for index in range(outputs)]
+
+    def _signature(self, path: str) -> dict[str, Any]:
+        """signature.json, checked against what this handler decodes and answers and against the class count."""
+        with open(path) as handle:
+            signature: dict[str, Any] = json.load(handle)
+        max_images = signature.get("max_images")
+        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+            raise RuntimeError(f"{path}: max_images must be a positive integer, got {max_images!r}")
+        inputs = signature.get("inputs") or [{}]
+        declared = {inputs[0].get("datatype"), *inputs[0].get("also", [])}
+        if len(inputs) != 1 or declared != ACCEPTED_DATATYPES:
+            raise RuntimeError(f"{path}: one input of datatypes {sorted(ACCEPTED_DATATYPES)} is what this handler "
+                               f"decodes, the file declares {len(inputs)} input(s) of {sorted(map(str, declared))}")
+        outputs = {output.get("name"): output for output in signature.get("outputs", [])}
+        if set(outputs) != set(OUTPUTS) or not all(
+                output.get("datatype") and output.get("shape", [])[:1] == [-1] for output in outputs.values()):
+            raise RuntimeError(f"{path}: outputs must be {', '.join(OUTPUTS)}, each with a datatype and a shape "
+                               f"whose first dimension is -1 (the images); got {sorted(map(str, outputs))}")
+        if outputs["probabilities"].get("shape") != [-1, len(self.classes)]:
+            raise RuntimeError(f"{path}: probabilities shape {outputs['probabilities'].get('shape')} does not match "
+                               f"the {len(self.classes)} classes of {LABELS_FILE} (expected [-1, {len(self.classes)}])")
+        return signature
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[dict[str, Any]]:
         """N requests in, N answers out; a bad request gets its own 400 and never fails the batch."""
@@ -123,7 +161,7 @@ class FashionHandler(BaseHandler):
         decoded: list[Request | Refusal] = []
         for index, row in enumerate(data):
             try:
-                decoded.append(decode_request(row, len(self.classes)))
+                decoded.append(decode_request(row, len(self.classes), self.max_images))
             except InvalidInput as error:
                 decoded.append(Refusal(str(error)))
             except Exception as error:  # an input we failed to foresee must still fail alone, not the batch
@@ -132,14 +170,15 @@ class FashionHandler(BaseHandler):
         return decoded
 
     def inference(self, data: list[Request | Refusal], *args: Any, **kwargs: Any) -> list[Prediction | Refusal]:
-        """One forward pass over the batch's good requests; refusals pass through in their places."""
+        """One forward pass over every image of the batch's good requests; each request gets its own rows back,
+        refusals pass through in their places."""
         good = [item for item in data if isinstance(item, Request)]
         if not good:
             return [item for item in data if isinstance(item, Refusal)]
-        batch = torch.stack([request.pixels.to(torch.float32) for request in good])
+        batch = torch.cat([request.pixels.to(torch.float32) for request in good])
         with torch.inference_mode():
             probabilities = torch.softmax(self.model(fashion_cnn.normalize(batch, self.dataset)).float(), dim=1)
-        rows = iter(probabilities)
+        rows = iter(torch.split(probabilities, [len(request.pixels) for request in good]))
         return [(item, next(rows)) if isinstance(item, Request) else item for item in data]
 
     def postprocess(self, data: list[Prediction | Refusal]) -> list[dict[str, Any]]:
@@ -158,7 +197,7 @@ class FashionHandler(BaseHandler):
 
     def answer(self, prediction: Prediction) -> dict[str, Any]:
         request, probabilities = prediction
-        values, indices = probabilities.topk(request.topk)
+        values, indices = probabilities[0].topk(request.topk)  # a native request is one image
         ranked = [
             {"label": int(label), "class": self.classes[int(label)], "probability": round(float(p), 6)}
             for p, label in zip(values, indices, strict=True)
@@ -166,13 +205,19 @@ class FashionHandler(BaseHandler):
         return {"label": ranked[0]["label"], "class": ranked[0]["class"], "topk": ranked, "model": self.model_info}
 
     def v2_answer(self, prediction: Prediction) -> dict[str, Any]:
+        """N rows, one per image; names, datatypes and shapes (-1 is N) from signature.json."""
         request, probabilities = prediction
-        label = int(probabilities.topk(1).indices[0])
+        labels = probabilities.argmax(dim=1).tolist()
+        data = {
+            "label": labels,
+            "class": [self.classes[label] for label in labels],
+            "probabilities": [round(p, 6) for p in probabilities.flatten().tolist()],
+        }
         outputs = [
-            open_inference.Tensor("label", "INT64", (1,), [label]),
-            open_inference.Tensor("class", "BYTES", (1,), [self.classes[label]]),
-            open_inference.Tensor("probabilities", "FP32", (1, len(self.classes)),
-                                  [round(float(p), 6) for p in probabilities]),
+            open_inference.Tensor(output["name"], output["datatype"],
+                                  tuple(len(labels) if dimension == -1 else dimension for dimension in output["shape"]),
+                                  data[output["name"]])
+            for output in self.signature["outputs"]
         ]
         return open_inference.response(self.model_info["name"], self.model_info["version"], request.v2_id or "",
                                        outputs)

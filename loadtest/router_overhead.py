@@ -1,6 +1,14 @@
 """What the A/B router costs: throughput and latency of the same model, direct to TorchServe and through the
-router, REST and gRPC, measured back to back in one run on one machine (the ratio is the claim), and the
-router's own CPU time per request.
+router, REST and gRPC, in TorchServe's protocol and in the Open Inference Protocol (v2), measured back to back in
+one run on one machine (the ratio is the claim), and the router's own CPU time per request.
+
+The v2 rows send the example image as a UINT8 [1, 28, 28] tensor to the router (the protocol's JSON over REST,
+typed contents over gRPC) and compare it with the request the router itself sends upstream for it, made
+directly (the tensor as an NPY body to TorchServe's `/predictions`, or in its gRPC `Predictions`): the
+difference is what the router adds on v2 — parsing and checking the tensor, converting it, shaping the answer —
+beside what it adds on TorchServe's protocol. TorchServe's own v2 endpoints (`/v2/models/{m}/infer`, its
+`GRPCInferenceService`, where the handler parses the JSON tensor itself) are measured too, direct only, for
+a client choosing between the two.
 
 REST load comes from wrk (C, cheap on the CPU it shares with the servers); gRPC load from a grpc.aio
 closed-loop client in this process (there is no ghz in Debian). Each configuration runs `--rounds` times,
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -29,15 +38,20 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
+import numpy as np
 import psutil
+from PIL import Image
 
 from loadtest.workload import Endpoint
 from router.config import load_config
+from router.open_inference import BINARY_HEADER, TensorRequest
 from router.process import base_url, running_pid
 from router.stats import percentile
 from router.tokens import load_tokens
@@ -58,6 +72,16 @@ UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 # The router's hot-path targets (issue "Hardening and a cleaner core"): at scale its cores are pure overhead.
 TARGET_CPU_US = {"rest": 150.0, "grpc": 250.0}
+# The Open Inference Protocol's paths: the router's added latency on each within 10 % of TorchServe's protocol's
+# (issue "The Open Inference Protocol through the router").
+# v2-rest sends the protocol's JSON; v2-rest-binary Triton's binary extension, tritonclient's default (the
+# tensor's raw bytes after a JSON header, and the outputs asked for in binary).
+V2_OF = {"v2-rest": "rest", "v2-rest-binary": "rest", "v2-grpc": "grpc"}
+V2_REST = ("v2-rest", "v2-rest-binary")
+V2_ADDED_WITHIN = 0.10
+ADDED_FLOOR_MS = 0.1  # a bound on the v2 added latency never below this, whatever TorchServe's protocol measured
+TORCHSERVE_V2 = ("torchserve-v2-rest", "torchserve-v2-grpc")  # TorchServe's own v2 endpoints: direct only
+PROTOCOLS = ("rest", "grpc", *V2_OF, *TORCHSERVE_V2)
 TARGET_ADDED_P50_MS = 1.0  # on one connection
 TARGET_ADDED_P99_MS = 5.0  # at the fixed rate
 
@@ -128,15 +152,69 @@ def wrk(url: str, headers: dict[str, str], body: Path, connections: int, duratio
     return rate, latency("50"), latency("99"), count
 
 
-async def grpc_load(target: str, model: str, version: str, metadata: tuple[tuple[str, str], ...], body: bytes,
+def v2_pixels(image: Path) -> np.ndarray:
+    """The example image as the v2 tensor the bench sends: UINT8 [1, 28, 28]."""
+    return np.asarray(Image.open(image).convert("L").resize((28, 28)), dtype=np.uint8)[None]
+
+
+def v2_json(image: Path) -> bytes:
+    pixels = v2_pixels(image)
+    return json.dumps({"id": "bench", "inputs": [{"name": "images", "datatype": "UINT8", "shape": list(pixels.shape),
+                                                  "data": pixels.ravel().tolist()}]}).encode()
+
+
+def v2_binary(image: Path) -> tuple[bytes, int]:
+    """The same tensor in Triton's binary extension, as tritonclient builds it by default: (body, JSON length)."""
+    from tritonclient.http import InferenceServerClient, InferInput
+
+    tensor = InferInput("images", [1, 28, 28], "UINT8")
+    tensor.set_data_from_numpy(v2_pixels(image))
+    body, json_length = InferenceServerClient.generate_request_body([tensor], request_id="bench")
+    return body, json_length
+
+
+def v2_npy(image: Path) -> bytes:
+    """What the router sends TorchServe for that tensor (router.open_inference.TensorRequest.upstream_body)."""
+    return TensorRequest("bench", "UINT8", (1, 28, 28), v2_pixels(image)).upstream_body()
+
+
+def v2_grpc_request(model: str, version: str, image: Path) -> Any:
+    """The same tensor as a gRPC ModelInferRequest, in typed contents (TorchServe's own v2 service takes no raw
+    contents)."""
+    pb2 = protos.load("open_inference_grpc_pb2")
+    pixels = v2_pixels(image)
+    request = pb2.ModelInferRequest(model_name=model, model_version=version, id="bench")
+    tensor = request.inputs.add(name="images", datatype="UINT8", shape=list(pixels.shape))
+    tensor.contents.uint_contents.extend(pixels.ravel().tolist())
+    return request
+
+
+def grpc_call(channel: grpc.aio.Channel, service: str) -> Callable[..., Any]:
+    """The unary call a gRPC load sends: TorchServe's Predictions, or the v2 ModelInfer of the router (the
+    protocol's `inference` package) or of TorchServe (its own package; the same messages on the wire)."""
+    if service == "torchserve":
+        stub = protos.load("inference_pb2_grpc").InferenceAPIsServiceStub(channel)
+        return stub.Predictions
+    pb2 = protos.load("open_inference_grpc_pb2")
+    package = "org.pytorch.serve.grpc.openinference" if service == "torchserve-v2" else "inference"
+    return channel.unary_unary(f"/{package}.GRPCInferenceService/ModelInfer",
+                               request_serializer=pb2.ModelInferRequest.SerializeToString,
+                               response_deserializer=pb2.ModelInferResponse.FromString)
+
+
+def answered(response: Any) -> bool:
+    if hasattr(response, "prediction"):
+        return b'"label"' in response.prediction
+    return any(output.name == "label" for output in response.outputs)
+
+
+async def grpc_load(service: str, target: str, request: Any, metadata: tuple[tuple[str, str], ...],
                     connections: int, duration_s: float) -> tuple[float, float, float, int]:
-    pb2, pb2_grpc = protos.load("inference_pb2"), protos.load("inference_pb2_grpc")
     latencies: list[float] = []
     errors = 0
     async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb2_grpc.InferenceAPIsServiceStub(channel)
-        request = pb2.PredictionsRequest(model_name=model, model_version=version, input={"data": body})
-        await stub.Predictions(request, metadata=metadata, timeout=10)  # connect outside the clock
+        call = grpc_call(channel, service)
+        await call(request, metadata=metadata, timeout=10)  # connect outside the clock
         deadline = time.perf_counter() + duration_s
 
         async def user() -> None:
@@ -144,8 +222,8 @@ async def grpc_load(target: str, model: str, version: str, metadata: tuple[tuple
             while time.perf_counter() < deadline:
                 started = time.perf_counter()
                 try:
-                    response = await stub.Predictions(request, metadata=metadata, timeout=10)
-                    if b'"label"' not in response.prediction:
+                    response = await call(request, metadata=metadata, timeout=10)
+                    if not answered(response):
                         errors += 1
                 except grpc.aio.AioRpcError:
                     errors += 1
@@ -191,6 +269,36 @@ async def fixed_rate(url: str, headers: dict[str, str], body: bytes, rate: float
             percentile(lags, 99) or 0.0, errors)
 
 
+def rest_request(protocol: str, path: str, target: Endpoint, image: Path,
+                 folder: Path) -> tuple[str, Path, dict[str, str]]:
+    """(URL, body file, headers) of a REST load. v2 direct is the router's own upstream request (the NPY body to
+    `/predictions`); TorchServe's own v2 path takes no version."""
+    if protocol == "rest":
+        return target.rest_url + target.rest_path(), image, target.headers("image/png")
+    body = folder / f"{protocol}-{path}.body"
+    if protocol in V2_REST and path == "direct":
+        body.write_bytes(v2_npy(image))
+        return target.rest_url + target.rest_path(), body, target.headers("application/octet-stream")
+    url = f"{target.rest_url}/v2/models/{target.model}/infer"
+    if protocol == "v2-rest-binary":
+        binary, json_length = v2_binary(image)
+        body.write_bytes(binary)
+        return url, body, {**target.headers("application/octet-stream"), BINARY_HEADER: str(json_length)}
+    body.write_bytes(v2_json(image))
+    return url, body, target.headers("application/json")
+
+
+def grpc_request(protocol: str, path: str, target: Endpoint, image: Path, png: bytes) -> tuple[str, Any]:
+    """(service, message) of a gRPC load: the same mapping as `rest_request`."""
+    version = target.version or ""
+    if protocol == "grpc" or (protocol == "v2-grpc" and path == "direct"):
+        data = png if protocol == "grpc" else v2_npy(image)
+        return "torchserve", protos.load("inference_pb2").PredictionsRequest(
+            model_name=target.model, model_version=version, input={"data": data})
+    service = "torchserve-v2" if protocol == "torchserve-v2-grpc" else "router-v2"
+    return service, v2_grpc_request(target.model, "" if service == "torchserve-v2" else version, image)
+
+
 def measure(args: argparse.Namespace) -> tuple[list[Result], list[FixedRate]]:
     instance = server.Instance.load(args.run_dir.resolve())
     config = load_config(args.router_config)
@@ -205,27 +313,37 @@ def measure(args: argparse.Namespace) -> tuple[list[Result], list[FixedRate]]:
     }
     router_pid = running_pid(config)
     body = args.image.read_bytes()
+
+    def fresh(path: str, target: Endpoint) -> Endpoint:
+        """TorchServe's key read again for each run: the router renews it (it expires) during a long bench."""
+        return dataclasses.replace(target, token=instance.token()) if path == "direct" else target
+
     results = []
-    for connections in args.connections:
-        for index in range(args.rounds):
-            for path, target in endpoints.items():
-                meter = CpuMeter(router_pid if path == "router" else None)
-                rate, p50, p99, errors = wrk(target.rest_url + target.rest_path(), target.headers("image/png"),
-                                             args.image, connections, args.duration_s)
-                cpu = meter.per_request_us(round(rate * args.duration_s))
-                results.append(Result("rest", path, connections, index, rate, p50, p99, errors, cpu))
-                log.info("%s", results[-1])
-                meter = CpuMeter(router_pid if path == "router" else None)
-                rate, p50, p99, errors = asyncio.run(grpc_load(
-                    target.grpc_target, target.model, target.version or "", target.metadata(), body, connections,
-                    args.duration_s))
-                cpu = meter.per_request_us(round(rate * args.duration_s))
-                results.append(Result("grpc", path, connections, index, rate, p50, p99, errors, cpu))
-                log.info("%s", results[-1])
+    with tempfile.TemporaryDirectory() as folder:
+        for connections in args.connections:
+            for index in range(args.rounds):
+                for protocol in args.protocols:  # direct and router back to back for each protocol
+                    for path, target in endpoints.items():
+                        if protocol in TORCHSERVE_V2 and path == "router":
+                            continue
+                        target = fresh(path, target)
+                        meter = CpuMeter(router_pid if path == "router" else None)
+                        if protocol in ("rest", *V2_REST, "torchserve-v2-rest"):
+                            url, body_file, headers = rest_request(protocol, path, target, args.image, Path(folder))
+                            rate, p50, p99, errors = wrk(url, headers, body_file, connections, args.duration_s)
+                        else:
+                            service, request = grpc_request(protocol, path, target, args.image, body)
+                            rate, p50, p99, errors = asyncio.run(grpc_load(
+                                service, target.grpc_target, request, target.metadata(), connections,
+                                args.duration_s))
+                        cpu = meter.per_request_us(round(rate * args.duration_s))
+                        results.append(Result(protocol, path, connections, index, rate, p50, p99, errors, cpu))
+                        log.info("%s", results[-1])
     fixed = []
     if args.rate > 0:
         for index in range(args.rounds):
             for path, target in endpoints.items():
+                target = fresh(path, target)
                 sent, p50, p99, lag, errors = asyncio.run(fixed_rate(
                     target.rest_url + target.rest_path(), target.headers("image/png"), body, args.rate,
                     args.duration_s))
@@ -238,7 +356,8 @@ def summarize(results: list[Result], fixed: list[FixedRate] | None = None) -> st
     lines = ["| protocol | connections | direct req/s | router req/s | router ÷ direct | direct p50 ms | "
              "router p50 ms | added p50 ms | direct p99 ms | router p99 ms | router CPU µs/request | errors |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r.protocol, r.connections) for r in results}, key=lambda k: (k[0] != "rest", k[1]))
+    keys = sorted({(r.protocol, r.connections) for r in results if r.protocol not in TORCHSERVE_V2},
+                  key=lambda k: (PROTOCOLS.index(k[0]), k[1]))
     for protocol, connections in keys:
         def median(path: str, field: str, protocol: str = protocol, connections: int = connections) -> float:
             return statistics.median(getattr(r, field) for r in results
@@ -253,6 +372,18 @@ def summarize(results: list[Result], fixed: list[FixedRate] | None = None) -> st
             f"{median('direct', 'p50_ms'):.2f} | {median('router', 'p50_ms'):.2f} | "
             f"{median('router', 'p50_ms') - median('direct', 'p50_ms'):+.2f} | {median('direct', 'p99_ms'):.1f} | "
             f"{median('router', 'p99_ms'):.1f} | {cpu_text} | {errors} |")
+    own = sorted({(r.protocol, r.connections) for r in results if r.protocol in TORCHSERVE_V2},
+                 key=lambda k: (PROTOCOLS.index(k[0]), k[1]))
+    if own:
+        lines += ["", "TorchServe's own v2 endpoints, direct (the same UINT8 tensor as the router's v2 rows; the "
+                  "handler parses it from JSON or typed contents):", "",
+                  "| endpoint | connections | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
+        for protocol, connections in own:
+            measured = [r for r in results if (r.protocol, r.connections) == (protocol, connections)]
+            lines.append(f"| {protocol} | {connections} | "
+                         f"{statistics.median(r.requests_per_s for r in measured):.0f} | "
+                         f"{statistics.median(r.p50_ms for r in measured):.2f} | "
+                         f"{statistics.median(r.p99_ms for r in measured):.1f} | {sum(r.errors for r in measured)} |")
     if fixed:
         lines += ["", "| REST at a fixed rate | req/s | sent | p50 ms | p99 ms | generator lag p99 ms | errors |",
                   "|---|---|---|---|---|---|---|"]
@@ -280,6 +411,15 @@ def cpu_per_request(results: list[Result]) -> dict[str, float]:
     return {protocol: cpu for protocol, cpu in measured.items() if cpu is not None}
 
 
+def added_p50(results: list[Result], protocol: str, connections: int) -> float | None:
+    """The router's added p50 (router − direct, medians over rounds) for one protocol and connection count."""
+    router = median_of([r.p50_ms for r in results if (r.protocol, r.path, r.connections) == (protocol, "router",
+                                                                                              connections)])
+    direct = median_of([r.p50_ms for r in results if (r.protocol, r.path, r.connections) == (protocol, "direct",
+                                                                                              connections)])
+    return None if router is None or direct is None else router - direct
+
+
 def targets(results: list[Result], fixed: list[FixedRate]) -> str:
     """The router's hot-path targets against this run's medians."""
     rows = ["| target | measured | met |", "|---|---|---|"]
@@ -295,6 +435,14 @@ def targets(results: list[Result], fixed: list[FixedRate]) -> str:
             median_of([r.p50_ms for r in single if r.path == "direct"]) or 0.0)
         rows.append(f"| added p50 on one connection ≤ {TARGET_ADDED_P50_MS:g} ms | {added:+.2f} ms | "
                     f"{'yes' if added <= TARGET_ADDED_P50_MS else 'no'} |")
+    for v2, plain in V2_OF.items():
+        for connections in sorted({r.connections for r in results if r.protocol == v2}):
+            added_v2, added_plain = added_p50(results, v2, connections), added_p50(results, plain, connections)
+            if added_v2 is None or added_plain is None:
+                continue
+            bound = max(added_plain, ADDED_FLOOR_MS) * (1 + V2_ADDED_WITHIN)
+            rows.append(f"| added p50 on {v2} ≤ {plain}'s {added_plain:+.2f} ms + {V2_ADDED_WITHIN:.0%} "
+                        f"({connections} connections) | {added_v2:+.2f} ms | {'yes' if added_v2 <= bound else 'no'} |")
     if fixed:
         added = (median_of([f.p99_ms for f in fixed if f.path == "router"]) or 0.0) - (
             median_of([f.p99_ms for f in fixed if f.path == "direct"]) or 0.0)
@@ -314,6 +462,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration-s", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rate", type=float, default=200.0, help="fixed-rate REST round (0: skip)")
+    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
     parser.add_argument("--output", type=Path, default=REPO / "reports" / "router_overhead.md")
     return parser
 
@@ -325,7 +474,7 @@ def main(args: argparse.Namespace) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     command = "python -m loadtest.router_overhead " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in vars(args).items() if k in ("connections", "duration_s", "rounds", "rate"))
+        for k, v in vars(args).items() if k in ("connections", "duration_s", "rounds", "rate", "protocols"))
     args.output.write_text(f"# Router overhead\n\n`{command}`, median of {args.rounds} alternating rounds.\n\n"
                            f"{table}")
     args.output.with_suffix(".json").write_text(json.dumps(

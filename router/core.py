@@ -23,7 +23,7 @@ from router.errors import BadRequest, Forbidden, RouterError, UpstreamTimeout, U
 from router.evaluation import Evaluation
 from router.guardrail import GuardrailMonitor
 from router.metrics import Metrics
-from router.request import InferenceRequest, Routed, Upstream, label_of
+from router.request import InferenceRequest, Routed, Upstream, labels_of, single_label
 from router.routing import choose_arm
 from router.shadow import Shadows
 from router.store import RequestRow, Store, StoreError
@@ -102,12 +102,13 @@ class Router:
                                       error.http_status):
                 error.where = None  # the error is still the answer, but names no request id that has no row
             raise
-        label = label_of(reply.body) if reply.status == 200 else None
-        if not await self._finish(request_id, name, arm, request.protocol, started, reply, retried_from, label=label):
+        labels = labels_of(reply.body) if reply.status == 200 else None
+        if not await self._finish(request_id, name, arm, request.protocol, started, reply, retried_from,
+                                  label=single_label(labels)):
             raise UpstreamUnavailable("the request log could not record this request; it was not answered: retry",
                                       retry_after_s=1)
         if experiment is not None and reply.status == 200:  # after the answer is final: a copy never competes
-            self.shadows.maybe_copy(request_id, experiment, label, request)
+            self.shadows.maybe_copy(request_id, experiment, labels, request)
         return Routed(reply, request_id, name, arm.name, arm.target, retried_from)
 
     def _choose(self, request: InferenceRequest, experiment: Experiment) -> Arm:

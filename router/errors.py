@@ -6,6 +6,9 @@ The REST and gRPC front ends translate a `RouterError` in exactly one place each
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import grpc
 
 # Every answer, error or not, names where it was routed: REST headers; gRPC trailing metadata, lowercased.
@@ -66,6 +69,11 @@ class Forbidden(RouterError):
     grpc_code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class PayloadTooLarge(RouterError):
+    http_status = 413
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class NotFound(RouterError):
     http_status = 404
     grpc_code = grpc.StatusCode.NOT_FOUND
@@ -88,3 +96,16 @@ class Overloaded(RouterError):
 class UpstreamTimeout(RouterError):
     http_status = 504
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def json_object(raw: bytes, what: str = "body") -> dict[str, Any]:
+    """A client's JSON object, or the BadRequest that says why it is not one (both front ends' bodies)."""
+    try:
+        document = json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"{what} is JSON nested too deeply") from None
+    except ValueError as error:
+        raise BadRequest(f"{what} is not valid JSON: {str(error)[:200]}") from None
+    if not isinstance(document, dict):
+        raise BadRequest(f"{what} must be a JSON object")
+    return document

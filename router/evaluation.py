@@ -20,11 +20,13 @@ class Evaluation:
 
     async def feedback(self, request_id: str, label: int) -> dict[str, Any]:
         """Store the true label of a routed request. The first label stands: a repeat changes nothing and says so
-        (`duplicate`, with the label that stands), and is not counted again."""
+        (`duplicate`, with the label that stands), and is not counted again. A request whose answer named no
+        single class (an error, an Open Inference Protocol batch) keeps the label but is not judged: `correct`
+        is null, and neither the metric nor the report counts it."""
         found = await self.store.feedback(request_id, label)
         if found is None:
             raise NotFound(f"no routed request has the id {quoted(request_id)}")
-        if not found.duplicate:
+        if not found.duplicate and found.correct is not None:
             self.metrics.feedback.labels(found.experiment, found.arm, str(found.correct).lower()).inc()
         return {"request_id": request_id, "experiment": found.experiment, "arm": found.arm,
                 "predicted": found.predicted, "label": found.label, "correct": found.correct,

@@ -1,5 +1,7 @@
 """The router's gRPC front end: TorchServe's own `InferenceAPIsService` (same protos, same messages), so a gRPC
-client changes only its target. The arm and target of each answer travel in trailing metadata.
+client changes only its target; beside it the Open Inference Protocol's `inference.GRPCInferenceService` and the
+standard health service (`router.open_inference_grpc`). The arm and target of each answer travel in trailing
+metadata.
 
 The token is checked from the call's metadata by an interceptor before the request message is parsed, so an
 unauthenticated caller costs the router no decoding; the server takes at most `max_in_flight` calls at once
@@ -15,10 +17,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
+from router import open_inference_grpc
 from router.config import RouterConfig
 from router.core import Routed, Router
 from router.errors import RouterError, Unauthenticated
+from router.open_inference_service import Caller, OpenInferenceService
 from router.request import GRPC, InferenceRequest
 from router.tokens import ADMIN, Tokens, bearer
 from serving import protos
@@ -30,7 +35,7 @@ inference_pb2_grpc = protos.load("inference_pb2_grpc")
 
 
 SERVICE = "org.pytorch.serve.grpc.inference.InferenceAPIsService"
-OPEN_METHODS = {f"/{SERVICE}/Ping"}  # health needs no token, as on REST
+OPEN_METHODS = {f"/{SERVICE}/Ping", *open_inference_grpc.OPEN_METHODS}  # health needs no token, as on REST
 
 
 def no_token() -> Unauthenticated:
@@ -108,17 +113,22 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
                             "use Predictions, or TorchServe's port directly for stateful models")
 
     async def _route(self, request: Any, context: grpc.aio.ServicerContext) -> Routed:
+        caller = self.caller(context)
+        return await self.router.route(InferenceRequest(
+            name=request.model_name, protocol=GRPC, version=request.model_version or None, key=caller.key,
+            pin=caller.pin, privileged=caller.privileged, inputs=dict(request.input), deadline=caller.deadline))
+
+    def caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        """The sticky key, pinned arm, role and deadline of a call, from its metadata (both services)."""
         metadata = {key.lower(): value for key, value in context.invocation_metadata() or ()}
         role = _role(self.tokens, context.invocation_metadata())
         if role is None:  # the interceptor let it through: only if the token was valid, so this is defence in depth
             raise no_token()
         config = self.router.config
         remaining = context.time_remaining()  # the client's own deadline, if it set one, bounds ours
-        return await self.router.route(InferenceRequest(
-            name=request.model_name, protocol=GRPC, version=request.model_version or None,
-            key=_text(metadata.get(config.sticky_header.lower())) or None,
-            pin=_text(metadata.get(config.override_header.lower())) or None, privileged=role == ADMIN,
-            inputs=dict(request.input), deadline=None if remaining is None else time.monotonic() + remaining))
+        return Caller(key=_text(metadata.get(config.sticky_header.lower())) or None,
+                      pin=_text(metadata.get(config.override_header.lower())) or None, privileged=role == ADMIN,
+                      deadline=None if remaining is None else time.monotonic() + remaining)
 
 
 def _text(value: str | bytes | None) -> str | None:
@@ -138,5 +148,10 @@ def server(config: RouterConfig, router: Router, tokens: Tokens) -> grpc.aio.Ser
                  # gRPC sets SO_REUSEPORT by default: a second router would silently share the port. Only
                  # replicas meant to share one address (listen.reuse_port) may.
                  ("grpc.so_reuseport", int(config.listen.reuse_port))])
-    inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(InferenceService(router, tokens), grpc_server)
+    torchserve_protocol = InferenceService(router, tokens)
+    inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(torchserve_protocol, grpc_server)
+    open_inference = OpenInferenceService(router)
+    grpc_server.add_generic_rpc_handlers((open_inference_grpc.OpenInferenceGrpc(
+        open_inference, torchserve_protocol.caller, abort_with, _metadata).handler(),))
+    health_pb2_grpc.add_HealthServicer_to_server(open_inference_grpc.Health(open_inference), grpc_server)
     return grpc_server

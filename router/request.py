@@ -15,10 +15,9 @@ from typing import Any, Protocol
 
 from router.config import Target
 from router.errors import WHERE_HEADERS
-from router.upstream import GRPC, REST, Reply
+from router.upstream import GRPC, REST, V2_GRPC, V2_REST, Reply
 
-__all__ = ["GRPC", "REST", "InferenceRequest", "Routed", "Upstream", "label_of"]
-
+__all__ = ["GRPC", "REST", "V2_GRPC", "V2_REST", "InferenceRequest", "Routed", "Upstream", "labels_of"]
 
 
 @dataclass(frozen=True)
@@ -26,14 +25,14 @@ class InferenceRequest:
     """One client request: where it wants to go, how it may be routed, and the payload to forward as it came."""
 
     name: str  # an experiment, or a plain TorchServe model (passed through)
-    protocol: str  # REST or GRPC: which payload field is set, and the label in metrics and the log
+    protocol: str  # REST, GRPC, V2_REST or V2_GRPC: the transport upstream, the label in metrics and the log
     version: str | None = None  # only for plain models: experiments pick the version themselves
     key: str | None = None  # the sticky key (same key, same arm)
     pin: str | None = None  # an arm the client pinned
     privileged: bool = False  # sent with the admin token: may pin an arm the experiment has drained
-    body: bytes = b""  # REST
-    content_type: str = "application/octet-stream"  # REST
-    inputs: Mapping[str, bytes] = field(default_factory=dict)  # gRPC
+    body: bytes = b""  # REST transport
+    content_type: str = "application/octet-stream"  # REST transport
+    inputs: Mapping[str, bytes] = field(default_factory=dict)  # gRPC transport
     deadline: float | None = None  # time.monotonic() by which the client stops waiting (a gRPC deadline)
 
     def timeout_s(self, limit_s: float) -> float:
@@ -62,14 +61,31 @@ class Routed:
         return headers
 
 
-def label_of(body: bytes) -> int | None:
-    """The predicted class in one of our handler's answers, or None for anything else (an error, another format)."""
+def labels_of(body: bytes) -> tuple[int, ...] | None:
+    """The predicted classes in one of our handler's answers — one for TorchServe's protocol, one per image of an
+    Open Inference Protocol answer — or None for anything else (an error, another format)."""
     try:
         answer = json.loads(body)
     except ValueError:
         return None
-    label = answer.get("label") if isinstance(answer, dict) else None
-    return label if isinstance(label, int) and not isinstance(label, bool) else None
+    if not isinstance(answer, dict):
+        return None
+    if "outputs" in answer:
+        labels = next((output.get("data") for output in answer["outputs"]
+                       if isinstance(output, dict) and output.get("name") == "label"), None)
+    else:
+        labels = [answer.get("label")]
+    if not isinstance(labels, list) or not labels:
+        return None
+    if not all(isinstance(label, int) and not isinstance(label, bool) for label in labels):
+        return None
+    return tuple(labels)
+
+
+def single_label(labels: tuple[int, ...] | None) -> int | None:
+    """What the request log keeps: the label of a one-image answer. A batch has no one label to judge with
+    feedback (its row says so with none)."""
+    return labels[0] if labels is not None and len(labels) == 1 else None
 
 
 class Upstream(Protocol):

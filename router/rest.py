@@ -1,9 +1,9 @@
-"""The router's REST front end (aiohttp): TorchServe's own inference paths, plus health, metrics, feedback and
-the admin endpoints. Errors leave in TorchServe's shape ({"error": {"code", "type", "message"}})."""
+"""The router's REST front end (aiohttp): TorchServe's own inference paths and the Open Inference Protocol's
+(`router.open_inference_rest`), plus health, metrics, feedback and the admin endpoints. Errors leave in
+TorchServe's shape ({"error": {"code", "type", "message"}}), on the protocol's paths in its own ({"error": "..."})."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -13,7 +13,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.core import Router
-from router.errors import BadRequest, Forbidden, Overloaded, RouterError, Unauthenticated, quoted
+from router.errors import BadRequest, Forbidden, Overloaded, RouterError, Unauthenticated, json_object, quoted
+from router.open_inference import error_body as open_inference_error
+from router.open_inference_rest import PREFIX as OPEN_INFERENCE_PREFIX
+from router.open_inference_rest import OpenInferenceRest
+from router.open_inference_service import OpenInferenceService
 from router.request import REST, InferenceRequest
 from router.tokens import ADMIN, CLIENT, Tokens, bearer
 
@@ -24,11 +28,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_JSON_BYTES = 64 * 1024
 # The work the in-flight limit bounds: inference and feedback. Probes, metrics and the admin API are never refused
 # by it, so an operator can see and steer an overloaded router.
-LIMITED_PATHS = ("/predictions/", "/feedback")
+LIMITED_PATHS = ("/predictions/", "/feedback", f"{OPEN_INFERENCE_PREFIX}/models/")
 
 
-def error_response(error: RouterError) -> web.Response:
-    return web.json_response(error.body(), status=error.http_status, headers=dict(error.answer_headers()))
+def error_response(error: RouterError, path: str) -> web.Response:
+    body = open_inference_error(error) if _open_inference(path) else error.body()
+    return web.json_response(body, status=error.http_status, headers=dict(error.answer_headers()))
+
+
+def _open_inference(path: str) -> bool:
+    return path == OPEN_INFERENCE_PREFIX or path.startswith(f"{OPEN_INFERENCE_PREFIX}/")
 
 
 @web.middleware
@@ -36,15 +45,17 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     try:
         return await handler(request)
     except RouterError as error:
-        return error_response(error)
+        return error_response(error, request.path)
     except web.HTTPException as error:  # aiohttp's own: unknown path, wrong method, body too large
         if error.status < 400:
             raise
         message = error.text or error.reason
         if error.status in (404, 405):  # TorchServe's management API, for one, is deliberately not here
             message = (f"no endpoint {request.method} {request.path} on the router (it serves /predictions/*, "
-                       "/ping, /healthz, /readyz, /metrics, /feedback and /admin/*)")
-        body = {"error": {"code": error.status, "type": error.reason, "message": message}}
+                       "/v2/*, /ping, /healthz, /readyz, /metrics, /feedback and /admin/*)")
+        body: dict[str, Any] = {"error": {"code": error.status, "type": error.reason, "message": message}}
+        if _open_inference(request.path):
+            body = {"error": message}
         return web.json_response(body, status=error.status, headers={
             name: value for name, value in error.headers.items() if name.lower() == "allow"})
 
@@ -93,6 +104,7 @@ class RestFrontEnd:
             web.delete("/admin/experiments/{name}/override", self.clear_override),
             web.post("/admin/reload", self.reload),
             web.get("/admin/report/{name}", self.report),
+            *OpenInferenceRest(OpenInferenceService(self.router), self._client).routes(),
         ])
         return app
 
@@ -189,12 +201,4 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     if len(raw) > MAX_JSON_BYTES:
         raise BadRequest(f"body of {len(raw)} bytes is larger than this endpoint's {MAX_JSON_BYTES}")
-    try:
-        document = json.loads(raw)
-    except RecursionError:
-        raise BadRequest("body is JSON nested too deeply") from None
-    except ValueError as error:
-        raise BadRequest(f"body is not valid JSON: {str(error)[:200]}") from None
-    if not isinstance(document, dict):
-        raise BadRequest("body must be a JSON object")
-    return document
+    return json_object(raw)

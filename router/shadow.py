@@ -11,7 +11,7 @@ import time
 
 from router.config import Experiment, Target, Timeouts
 from router.metrics import Metrics
-from router.request import InferenceRequest, Upstream, label_of
+from router.request import InferenceRequest, Upstream, labels_of
 from router.store import Store
 from router.upstream import AttemptFailed
 
@@ -29,21 +29,25 @@ class Shadows:
         self.rng = rng
         self.in_flight: set[asyncio.Task[None]] = set()
 
-    def maybe_copy(self, request_id: str, experiment: Experiment, live_label: int | None,
+    def maybe_copy(self, request_id: str, experiment: Experiment, live_labels: tuple[int, ...] | None,
                    request: InferenceRequest) -> None:
         shadow = experiment.shadow
         if shadow is None or self.rng.random() >= shadow.sample:
+            return
+        if live_labels is not None and len(live_labels) > 1:
+            # A batch of images (Open Inference Protocol) would count as one agreement or disagreement whatever
+            # its size: agreement is judged on one-image requests, as feedback is.
             return
         target = str(shadow.target)
         if len(self.in_flight) >= self.max_in_flight:  # a slow shadow must not pile up
             self._outcome(request_id, experiment.name, target, "dropped")
             return
         task = asyncio.get_running_loop().create_task(
-            self._copy(request_id, experiment.name, shadow.target, live_label, request))
+            self._copy(request_id, experiment.name, shadow.target, live_labels, request))
         self.in_flight.add(task)
         task.add_done_callback(self.in_flight.discard)
 
-    async def _copy(self, request_id: str, experiment: str, target: Target, live_label: int | None,
+    async def _copy(self, request_id: str, experiment: str, target: Target, live_labels: tuple[int, ...] | None,
                     request: InferenceRequest) -> None:
         started = time.perf_counter()
         name = str(target)
@@ -57,11 +61,11 @@ class Shadows:
             self._outcome(request_id, experiment, name, "error")
             return
         latency_ms = (time.perf_counter() - started) * 1000
-        shadow_label = label_of(reply.body) if reply.status == 200 else None
-        if shadow_label is None:
+        shadow_labels = labels_of(reply.body) if reply.status == 200 else None
+        if shadow_labels is None:
             self._outcome(request_id, experiment, name, "error", latency_ms=latency_ms)
             return
-        agree = shadow_label == live_label
+        agree = shadow_labels == live_labels  # a batch agrees only if every image does
         self.metrics.shadow_agreement.labels(experiment, name, str(agree).lower()).inc()
         self._outcome(request_id, experiment, name, "ok", agree, latency_ms)
 

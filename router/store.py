@@ -142,8 +142,9 @@ class Feedback:
     duplicate: bool  # True when this request already had a label: this call changed nothing
 
     @property
-    def correct(self) -> bool:
-        return self.predicted == self.label
+    def correct(self) -> bool | None:
+        """None when the answer named no single class (an error, or a batch of images): nothing to judge."""
+        return None if self.predicted is None else self.predicted == self.label
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ anything else TorchServe answers (200, a 4xx about the input) is returned as a `
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import TYPE_CHECKING
 
 import grpc
@@ -23,7 +25,11 @@ from serving.client import AsyncClient, AttemptFailed, Refused, Reply, Target, U
 if TYPE_CHECKING:  # router.request imports this module (Reply); at run time only the protocol name is needed
     from router.request import InferenceRequest
 
-REST, GRPC = "rest", "grpc"  # the protocols a routed request can come in (router.request)
+# The protocols a routed request can come in (router.request): TorchServe's own, and the Open Inference Protocol's
+# (router.open_inference). Each goes upstream on its own transport family: v2 over REST on TorchServe's REST
+# inference API, v2 over gRPC on its gRPC one.
+REST, GRPC, V2_REST, V2_GRPC = "rest", "grpc", "v2-rest", "v2-grpc"
+GRPC_TRANSPORT = (GRPC, V2_GRPC)
 
 __all__ = ["AttemptFailed", "Reply", "TorchServeClient"]
 
@@ -49,6 +55,20 @@ class TorchServeClient(AsyncClient):
 
     async def infer(self, target: Target, request: InferenceRequest, timeout_s: float) -> Reply:
         """Forward one routed request to `target` in the protocol it came in."""
-        if request.protocol == GRPC:
-            return await self.predict_grpc(target, dict(request.inputs), timeout_s)
+        if request.protocol in GRPC_TRANSPORT:
+            reply = await self.predict_grpc(target, dict(request.inputs), timeout_s)
+            return in_body_status(reply) if request.protocol == V2_GRPC else reply
         return await self.predict_rest(target, request.body, request.content_type, timeout_s)
+
+
+def in_body_status(reply: Reply) -> Reply:
+    """TorchServe's gRPC ignores a handler's per-request status: a refusal comes back OK, its code in the body
+    ({"error": {"code": 400, ...}}). A v2 gRPC client gets that code (INVALID_ARGUMENT), so the core must log,
+    count, judge and shadow the request by it too."""
+    if b'"error"' not in reply.body[:32]:  # a cheap look first: TorchServe writes {"error": ...} indented
+        return reply
+    try:
+        code = json.loads(reply.body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return reply
+    return dataclasses.replace(reply, status=code) if isinstance(code, int) and 400 <= code < 500 else reply

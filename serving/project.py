@@ -9,6 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The kit's version as pyproject.toml gives it (tests/test_open_inference.py checks they agree): the router's
+# image copies the sources without installing the project, so the installed metadata is not there to ask.
+KIT_VERSION = "0.1.0"
 MODEL_STORE = REPO / "model_store"
 MODEL_CONFIGS = REPO / "handlers" / "model_configs"  # <variant>.yaml: workers and batching per variant
 VARIANTS = ("full", "pruned", "int8", "distilled")  # the variants that are archived and served

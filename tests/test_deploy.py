@@ -197,7 +197,8 @@ def test_image_tags_are_the_versions_pinned_in_pyproject(rendered: dict[str, Obj
         assert kit_images == expected
         assert all(re.fullmatch(r"[^:]+:[\w][\w.-]*", image) and not image.endswith(":latest") for image in images)
     arguments = {"TORCH_VERSION": torch, "TORCHVISION_VERSION": pinned("torchvision"),
-                 "TORCHSERVE_VERSION": torchserve, "MODEL_ARCHIVER_VERSION": pinned("torch-model-archiver")}
+                 "TORCHSERVE_VERSION": torchserve, "MODEL_ARCHIVER_VERSION": pinned("torch-model-archiver"),
+                 "ONNXRUNTIME_VERSION": pinned("onnxruntime")}
     for dockerfile in DOCKER.glob("*.Dockerfile"):
         text = dockerfile.read_text()
         assert "NOT BUILT" in text

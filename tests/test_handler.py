@@ -9,7 +9,9 @@ import logging
 import math
 import os
 import shutil
+import struct
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,30 +20,35 @@ import numpy as np
 import pytest
 import torch
 import ts
-from fashion_handler import CARD_FILE, CPU_TIME_METRIC, DECODE_INPUT_ENV, LABELS_FILE, FashionHandler
+from fashion_handler import CARD_FILE, CPU_TIME_METRIC, DECODE_INPUT_ENV, LABELS_FILE, SIGNATURE_FILE, FashionHandler
 from image_decoding import MAX_DECODED_PIXELS, MAX_IMAGE_BYTES, MAX_JPEG_PIXELS, image_to_pixels
 from invalid_input import MAX_MESSAGE_CHARS
 from PIL import Image, ImageFile
-from request_decoding import decode_request
+from request_decoding import MAX_JSON_VALUES, NPY_MAX_HEADER, decode_request
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.utils.util import list_classes_from_module
 
-from serving.archive import label_mapping
+import fashion_cnn
+from serving.archive import SIGNATURE, build_archive, label_mapping
 from tests.conftest import Chain, encode_image, in_process_labels
 
 TS_METRICS_YAML = Path(ts.__file__).parent / "configs" / "metrics.yaml"  # what a worker loads by default
 SIDE = math.isqrt(MAX_DECODED_PIXELS)  # the largest square any format is decoded at
+MAX_IMAGES: int = json.loads(SIGNATURE.read_text())["max_images"]
 ImageFile.MAXBLOCK = 1 << 24  # Pillow's JPEG encoder needs room to write progressive noise into a BytesIO
 
 
-def model_dir_for(chain: Chain, variant: str, directory: Path, labels: dict[str, Any] | None = None) -> Path:
-    """What TorchServe unpacks from a .mar: the weights, the card (as card.json) and index_to_name.json."""
+def model_dir_for(chain: Chain, variant: str, directory: Path, labels: dict[str, Any] | None = None,
+                  signature: dict[str, Any] | None = None) -> Path:
+    """What TorchServe unpacks from a .mar: the weights, the card (as card.json), index_to_name.json and
+    signature.json (test_the_archive_packs_what_the_handler_reads checks a real .mar holds these)."""
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copy(chain.weights(variant), directory / f"{variant}.pt")
     shutil.copy(chain.directory / f"{variant}.card.json", directory / CARD_FILE)
     mapping = labels if labels is not None else label_mapping(chain.card(variant)["dataset"])
     (directory / LABELS_FILE).write_text(json.dumps(mapping))
+    (directory / SIGNATURE_FILE).write_text(json.dumps(signature or json.loads(SIGNATURE.read_text())))
     return directory
 
 
@@ -124,6 +131,174 @@ def test_open_inference_protocol_answers_in_its_own_format(worker: Worker, chain
         assert outputs["probabilities"]["shape"] == [1, 10] and len(outputs["probabilities"]["data"]) == 10
         assert answer["model_name"] == f"fashion-{worker.handler.card['variant']}" and answer["model_version"] == "1.0"
     assert [answers[0]["id"], answers[1]["id"]] == ["r-1", ""]
+
+
+# --- the Open Inference Protocol's upstream forms: NPY bodies and v2 JSON, N images a request ---------------------
+def npy(array: np.ndarray, version: tuple[int, int] | None = None) -> bytes:
+    """An array as the bytes of a .npy file, as the router sends a client's numeric tensor."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, version=version, allow_pickle=array.dtype.hasobject)
+    return buffer.getvalue()
+
+
+def npy_header(header: bytes) -> bytes:
+    """An NPY 1.0 body with this header text and no data: for headers numpy itself would never write."""
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header
+
+
+def rows_of(answer: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {output["name"]: output for output in answer["outputs"]}
+
+
+def check_v2_answer(worker: Worker, answer: dict[str, Any], labels: list[int], request_id: str = "") -> None:
+    """N rows: label INT64 [N], class BYTES [N], probabilities FP32 [N, 10], each row summing to 1."""
+    count = len(labels)
+    assert answer["id"] == request_id and answer["model_version"] == "1.0"
+    assert answer["model_name"] == f"fashion-{worker.handler.card['variant']}"
+    outputs = rows_of(answer)
+    assert [output["name"] for output in answer["outputs"]] == ["label", "class", "probabilities"]
+    assert outputs["label"] == {"name": "label", "datatype": "INT64", "shape": [count], "data": labels}
+    assert outputs["class"] == {"name": "class", "datatype": "BYTES", "shape": [count],
+                                "data": [worker.handler.classes[label] for label in labels]}
+    probabilities = outputs["probabilities"]
+    assert probabilities["datatype"] == "FP32" and probabilities["shape"] == [count, 10]
+    table = np.array(probabilities["data"]).reshape(count, 10)
+    assert np.allclose(table.sum(axis=1), 1, atol=1e-4) and table.argmax(axis=1).tolist() == labels
+    assert all(value == round(value, 6) for value in probabilities["data"])
+
+
+@pytest.mark.parametrize("dtype", ["|u1", "<f4"])
+@pytest.mark.parametrize("count", [1, 5])
+def test_npy_bodies_give_the_in_process_labels(worker: Worker, chain: Chain, test_images: Any, dtype: str,
+                                               count: int) -> None:
+    images, _ = test_images
+    expected = in_process_labels(chain, worker.handler.card["variant"], images[:count])
+    array = images[:count].numpy().astype(dtype)
+    # REST hands the handler a bytearray body, gRPC bytes under the input key "data"; both NPY versions numpy writes
+    rows: list[dict[str, Any]] = [{"body": bytearray(npy(array))}, {"data": npy(array)},
+                                  {"body": npy(array, version=(2, 0))}]
+    answers, statuses = worker(rows)
+    assert statuses == [200] * 3, answers
+    for answer in answers:
+        check_v2_answer(worker, answer, expected)
+
+
+@pytest.mark.parametrize(("shape", "count"), [
+    ((28, 28), 1), ((784,), 1), ((1, 784), 1), ((1, 28, 28), 1), ((1, 1, 28, 28), 1),
+    ((3, 28, 28), 3), ((3, 784), 3), ((3, 1, 28, 28), 3), ((3, 1, 784), 3),
+])
+def test_every_accepted_shape_counts_its_images(worker: Worker, chain: Chain, test_images: Any,
+                                                shape: tuple[int, ...], count: int) -> None:
+    """One rule for NPY and v2 JSON alike: the trailing dims are an image, the first counts them."""
+    images, _ = test_images
+    expected = in_process_labels(chain, worker.handler.card["variant"], images[:count])
+    pixels = images[:count].numpy().reshape(shape)
+    as_json = {"id": "s", "inputs": [{"name": "images", "datatype": "UINT8", "shape": list(shape),
+                                      "data": pixels.tolist()}]}
+    answers, statuses = worker([{"body": npy(pixels)}, {"body": json.dumps(as_json).encode()}])
+    assert statuses == [200, 200], answers
+    check_v2_answer(worker, answers[0], expected)
+    check_v2_answer(worker, answers[1], expected, "s")
+
+
+def test_v2_json_batches_of_pixels_and_of_images(worker: Worker, chain: Chain, test_images: Any) -> None:
+    """[N, 28, 28] pixel values (five images fit the JSON bound) and BYTES [N] of PNGs, each answered with N rows."""
+    images, _ = test_images
+    expected = in_process_labels(chain, worker.handler.card["variant"], images[:7])
+    pixels = {"id": "px", "inputs": [{"name": "images", "datatype": "FP32", "shape": [5, 28, 28],
+                                      "data": images[:5].float().tolist()}]}
+    pngs = {"id": "png", "inputs": [{"name": "images", "datatype": "BYTES", "shape": [7],
+                                     "data": [base64.b64encode(encode_image(image)).decode() for image in images[:7]]}]}
+    column = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [2, 1],
+                          "data": [[base64.b64encode(encode_image(image)).decode()] for image in images[:2]]}]}
+    answers, statuses = worker([{"body": json.dumps(pixels).encode()}, {"body": json.dumps(pngs).encode()},
+                                {"data": json.dumps(column).encode()}])
+    assert statuses == [200, 200, 200], answers
+    check_v2_answer(worker, answers[0], expected[:5], "px")
+    check_v2_answer(worker, answers[1], expected, "png")
+    check_v2_answer(worker, answers[2], expected[:2])
+
+
+def test_a_batch_mixing_every_form_answers_each_request(worker: Worker, chain: Chain, test_images: Any) -> None:
+    """NPY of three images, a PNG, v2 JSON, a bad request and NPY of two: one forward pass, each its own rows."""
+    images, _ = test_images
+    expected = in_process_labels(chain, worker.handler.card["variant"], images[:7])
+    v2_json = {"id": "m-1", "inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 784],
+                                        "data": images[4].flatten().tolist()}]}
+    rows = [{"body": npy(images[:3].numpy())}, {"body": encode_image(images[3])},
+            {"body": json.dumps(v2_json).encode()}, {"body": npy(images[:3].numpy())[:-1]},
+            {"data": npy(images[5:7].numpy().astype("<f4"))}]
+    answers, statuses = worker(rows)
+    assert statuses == [200, 200, 200, 400, 200], answers
+    check_v2_answer(worker, answers[0], expected[:3])
+    assert answers[1]["label"] == expected[3] and len(answers[1]["topk"]) == 3
+    check_v2_answer(worker, answers[2], expected[4:5], "m-1")
+    assert "needs exactly" in answers[3]["error"]["message"]
+    check_v2_answer(worker, answers[4], expected[5:7])
+
+
+def _zeros(shape: tuple[int, ...], dtype: Any = np.uint8) -> np.ndarray:
+    return np.zeros(shape, dtype=dtype)
+
+
+BAD_NPY: dict[str, tuple[bytes, str]] = {
+    "float64": (npy(_zeros((28, 28), "<f8")), "dtype must be |u1 (UINT8) or <f4 (FP32), got '<f8'"),
+    "object (pickled)": (npy(np.array([None] * 784, dtype=object)), "got '|O'"),
+    "big-endian float32": (npy(_zeros((28, 28), ">f4")), "got '>f4'"),
+    "int64": (npy(_zeros((28, 28), "<i8")), "got '<i8'"),
+    "structured dtype": (npy(np.zeros(784, dtype=[("a", "<f4")])), "got '|V4'"),
+    "fortran order": (npy(np.asfortranarray(_zeros((2, 784)))), "C order"),
+    "truncated data": (npy(_zeros((2, 28, 28)))[:-10], "1558 bytes after the header, but shape [2, 28, 28] of |u1 "
+                                                       "needs exactly 1568"),
+    "extra data": (npy(_zeros((2, 28, 28))) + b"\0", "needs exactly 1568"),
+    "float32 data one value short": (npy(_zeros((784,), "<f4"))[:-4], "needs exactly 3136"),
+    "over max_images": (npy(_zeros((MAX_IMAGES + 1, 784))), f"holds {MAX_IMAGES + 1} images, over the limit of "
+                                                            f"{MAX_IMAGES} images per request"),
+    "no images": (npy(_zeros((0, 28, 28))), "holds no image"),
+    "wrong image shape": (npy(_zeros((27, 28))), "one 28×28 image"),
+    "images counted by a second dimension": (npy(_zeros((1, 2, 28, 28))), "only the first dimension counts"),
+    "five dimensions": (npy(_zeros((1, 1, 1, 28, 28))), "5 dimensions"),
+    "a scalar": (npy(np.array(3, dtype=np.uint8)), "0 dimensions"),
+    "NaN": (npy(np.full((2, 784), np.nan, "<f4")), "NaN or infinity"),
+    "infinity": (npy(np.concatenate([_zeros((783,), "<f4"), [np.inf]]).astype("<f4")), "NaN or infinity"),
+    "out of range": (npy(np.full((784,), 255.5, "<f4")), "[0, 255], got values from 255.5 to 255.5"),
+    "negative": (npy(np.full((784,), -1, "<f4")), "[0, 255]"),
+    "garbage after the magic": (b"\x93NUMPY" + b"garbage" * 100, "version b'ga' after its magic string"),
+    "nothing after the magic": (b"\x93NUMPY", "version b''"),
+    "version 3.0": (b"\x93NUMPY\x03\x00" + npy(_zeros((784,)))[8:], "versions 1.0 and 2.0 are accepted"),
+    "header cut short": (npy(_zeros((784,)))[:40], "NPY header does not parse: EOF"),
+    "header not a dict": (npy_header(b"[1, 2, 3]"), "NPY header does not parse: Header is not a dictionary"),
+    "header not a literal": (npy_header(b"{'descr': __import__('os')}"), "NPY header does not parse"),
+    "header of unclosed brackets": (npy_header(b"(" * 1000), "NPY header does not parse"),  # numpy retokenizes it
+    "header with a non-integer shape": (npy_header(b"{'descr': '|u1', 'fortran_order': False, 'shape': (28.0, 28)}"),
+                                        "shape is not valid"),
+    "header with a negative dimension": (npy_header(b"{'descr': '|u1', 'fortran_order': False, 'shape': (-1, 784)}"),
+                                         "non-negative integers"),
+    "header longer than the bound": (npy_header(b" " * (NPY_MAX_HEADER + 1)),
+                                     f"NPY header of {NPY_MAX_HEADER + 1} bytes is longer than the {NPY_MAX_HEADER}"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_NPY))
+def test_bad_npy_gets_400_alone_in_its_batch(worker: Worker, chain: Chain, test_images: Any, kind: str) -> None:
+    images, _ = test_images
+    bad, message = BAD_NPY[kind]
+    expected = in_process_labels(chain, worker.handler.card["variant"], images[:2])
+    answers, statuses = worker([{"body": npy(images[:2].numpy())}, {"body": bad}, {"body": encode_image(images[0])}])
+    assert statuses == [200, 400, 200], answers
+    assert message in answers[1]["error"]["message"], answers[1]
+    assert len(answers[1]["error"]["message"]) <= MAX_MESSAGE_CHARS
+    check_v2_answer(worker, answers[0], expected)
+    assert answers[2]["label"] == expected[0]
+
+
+def test_the_batch_limit_is_the_signatures(worker: Worker) -> None:
+    """max_images from signature.json: exactly that many images are answered, one more is refused."""
+    answers, statuses = worker([{"body": npy(_zeros((MAX_IMAGES, 28, 28)))},
+                                {"body": npy(_zeros((MAX_IMAGES + 1, 28, 28)))}])
+    assert statuses == [200, 400]
+    assert rows_of(answers[0])["probabilities"]["shape"] == [MAX_IMAGES, 10]
+    assert f"over the limit of {MAX_IMAGES} images" in answers[1]["error"]["message"]
 
 
 def test_a_photo_like_image_is_converted_like_the_data_set(worker: Worker, test_images: Any) -> None:
@@ -215,13 +390,32 @@ BAD_INPUTS: dict[str, tuple[dict[str, Any], str]] = {
                                       "too large"),
     "JSON nested 100000 deep": ({"body": b"[" * 100000}, "does not parse"),
     "v2 nested too deep": (v2([784], [[[[[[0]]]]]]), "nested deeper"),
-    "v2 wrong shape": (v2([3, 28, 28], [0] * 2352), "one 28×28 image"),
+    "v2 wrong shape": (v2([3, 3], [0] * 9), "one 28×28 image"),
+    "v2 images counted by a second dimension": (v2([1, 3, 28, 28], [0] * 2352), "only the first dimension counts"),
+    "v2 two counting dimensions": (v2([2, 2, 784], [0] * 3136), "only the first dimension counts"),
+    "v2 batch over max_images": (v2([MAX_IMAGES + 1, 28, 28], [0] * 784),
+                                 f"holds {MAX_IMAGES + 1} images, over the limit of {MAX_IMAGES} images"),
+    "v2 no images": (v2([0, 28, 28], []), "holds no image"),
+    "v2 JSON of six images (over the JSON bound)": ({"body": json.dumps(v2([6, 28, 28], [[[0] * 28] * 28] * 6)[
+        "body"]).encode()}, f"more than the {MAX_JSON_VALUES} accepted"),
+    "v2 NaN in a batch": ({"body": b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 784], "data": ['
+                           + b"0, " * 1000 + b"NaN, " + b"0, " * 566 + b"0]}]}"}, "NaN or infinity"),
+    "v2 pixel out of range in a batch": (v2([2, 784], [0] * 1567 + [256]), "[0, 255]"),
+    "v2 datatype outside the signature": (v2([28, 28], [0] * 784, "INT64"), "must be FP32, UINT8"),
+    "v2 BYTES of two dimensions": (v2([2, 2], ["x"] * 4, "BYTES"), "BYTES shape must be [N]"),
+    "v2 BYTES batch over max_images": (v2([MAX_IMAGES + 1], ["x"], "BYTES"), f"over the limit of {MAX_IMAGES}"),
+    "v2 BYTES element not a string": (v2([2], [5, "x"], "BYTES"), "needs base64 image strings in 'data', element 0"),
+    "v2 BYTES element not base64": (v2([2], [base64.b64encode(encode_image(Image.new("L", (28, 28)))).decode(), "@@"],
+                                       "BYTES"), "v2 BYTES element 1 of 2 is a string but not valid base64"),
+    "v2 BYTES element a corrupt image": (v2([1], [base64.b64encode(b"GIF89a junk").decode()], "BYTES"),
+                                         "v2 BYTES element 0 of 1: cannot decode the image"),
     "v2 shape and data disagree": (v2([28, 28], [0] * 783), "holds 784 elements but 'data' has 783"),
     "v2 unknown datatype": (v2([28, 28], [0] * 784, "FP64x"), "datatype must be one of"),
     "v2 BOOL pixels": (v2([28, 28], [True] * 784, "BOOL"), "got BOOL"),
+    "v2 string pixels": (v2([28, 28], ["0"] * 784, "UINT8"), "must be numbers"),
     "v2 two inputs": ({"body": {"inputs": [v2([784], [0] * 784)["body"]["inputs"][0]] * 2}}, "exactly one entry"),
     "v2 long shape": (v2([1] * 1_000_000, [0] * 784), "1000000 dimensions; at most 4"),
-    "v2 huge dimension": (v2([10**400, 28], [0] * 784), "dimensions must be integers from 0 to 784"),
+    "v2 huge dimension": (v2([10**400, 28], [0] * 784), f"dimensions must be integers from 0 to {MAX_IMAGES * 784}"),
     "v2 non-string id": (v2([784], [0] * 784, id=["x"]), "'id' must be a string"),
     "bad topk": ({"body": {"data": [0] * 784, "topk": 11}}, "topk must be between"),
     "non-integer topk": ({"body": {"data": [0] * 784, "topk": "three"}}, "topk must be an integer"),
@@ -259,6 +453,12 @@ HUGE_INPUTS: dict[str, dict[str, Any]] = {
     "long v2 data": v2([784], [0] * 1_000_000),
     "v2 data of a million empty lists": v2([784], [[] for _ in range(1_000_000)]),
     "long JSON body": {"body": b'{"data": "' + LONG.encode() + b'", "x": [' + b"1," * 10_000 + b"1]}"},
+    "long garbage after the NPY magic": {"body": b"\x93NUMPY" + LONG.encode()},
+    "NPY header with a long descr": {"body": npy_header(b"{'descr': '" + LONG[:900].encode()
+                                                        + b"', 'fortran_order': False, 'shape': (784,)}")},
+    "NPY header of a long string": {"body": npy_header(b"'" + LONG[:1000].encode() + b"'")},
+    "NPY header with a huge dimension": {"body": npy_header(b"{'descr': '|u1', 'fortran_order': False, 'shape': ("
+                                                            + b"9" * 900 + b", 784)}")},
 }
 
 
@@ -273,7 +473,7 @@ def test_messages_are_capped_and_quote_no_unbounded_input(worker: Worker, kind: 
 def test_an_image_too_large_to_decode_safely_is_refused_before_decoding() -> None:
     huge = encode_image(Image.new("L", (5000, 5000), 0))
     with pytest.raises(ValueError, match="too large to decode safely: a PNG image of 5000×5000 pixels"):
-        decode_request({"body": huge}, 10)
+        decode_request({"body": huge}, 10, MAX_IMAGES)
 
 
 # --- the worst valid images: each at the edge of what is accepted, and each must be decoded (correctly) ----------
@@ -437,3 +637,85 @@ def test_thread_count_comes_from_the_model_config(chain: Chain, tmp_path: Path) 
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_memory_format_comes_from_the_model_config(chain: Chain, tmp_path: Path, test_images: Any) -> None:
+    """channels_last (what loadtest.forward_speed measured faster for the torch variants) answers as contiguous
+    does; a saved form with a layout of its own (the int8 TorchScript) ignores it; an unknown layout is refused at
+    load, not per request."""
+    images, _ = test_images
+    rows = [{"body": encode_image(Image.fromarray(images[i].numpy(), mode="L"))} for i in range(8)]
+    answers = {}
+    for memory_format in ("contiguous", "channels_last"):
+        directory = model_dir_for(chain, "full", tmp_path / memory_format)
+        context = make_context(directory, "full")
+        context.model_yaml_config = {"handler": {"threads": 1, "memory_format": memory_format}}
+        handler = FashionHandler()
+        handler.initialize(context)
+        assert isinstance(handler.model, fashion_cnn.ChannelsLast) == (memory_format == "channels_last")
+        answers[memory_format], statuses = Worker(handler, context)(rows)
+        assert statuses == [200] * 8
+    assert [a["label"] for a in answers["channels_last"]] == [a["label"] for a in answers["contiguous"]]
+    for fast, plain in zip(answers["channels_last"], answers["contiguous"], strict=True):
+        assert abs(fast["topk"][0]["probability"] - plain["topk"][0]["probability"]) < 1e-4
+    context = make_context(model_dir_for(chain, "int8", tmp_path / "int8"), "int8")
+    context.model_yaml_config = {"handler": {"threads": 1, "memory_format": "channels_last"}}
+    handler = FashionHandler()
+    handler.initialize(context)
+    assert not isinstance(handler.model, fashion_cnn.ChannelsLast)
+    context.model_yaml_config = {"handler": {"threads": 1, "memory_format": "nhwc"}}
+    with pytest.raises(ValueError, match="memory_format must be one of"):
+        FashionHandler().initialize(context)
+
+
+def test_the_archive_packs_what_the_handler_reads(chain: Chain, tmp_path: Path) -> None:
+    """A real .mar holds signature.json (the file the router reads, byte for byte) beside the card and the labels,
+    and a handler initialized from the unpacked archive takes the signature's batch limit."""
+    archive = build_archive("pruned", "1.0", chain.directory, tmp_path / "store")
+    unpacked = tmp_path / "unpacked"
+    with zipfile.ZipFile(archive) as mar:
+        assert {SIGNATURE_FILE, CARD_FILE, LABELS_FILE, "pruned.pt"} <= set(mar.namelist())
+        assert mar.read(SIGNATURE_FILE) == SIGNATURE.read_bytes()
+        mar.extractall(unpacked)
+    context = make_context(unpacked, "pruned")
+    handler = FashionHandler()
+    handler.initialize(context)
+    assert handler.max_images == MAX_IMAGES
+    answers, statuses = Worker(handler, context)([{"body": npy(_zeros((MAX_IMAGES, 784)))}])
+    assert statuses == [200] and rows_of(answers[0])["label"]["shape"] == [MAX_IMAGES]
+
+
+def test_the_signature_names_the_outputs_and_sets_the_limit(chain: Chain, tmp_path: Path, test_images: Any) -> None:
+    images, _ = test_images
+    signature = json.loads(SIGNATURE.read_text())
+    changed = {**signature, "max_images": 2, "outputs": [{**output, "datatype": "INT32"} if output["name"] == "label"
+                                                         else output for output in reversed(signature["outputs"])]}
+    handler = FashionHandler()
+    context = make_context(model_dir_for(chain, "pruned", tmp_path / "changed", signature=changed), "pruned")
+    handler.initialize(context)
+    answers, statuses = Worker(handler, context)([{"body": npy(images[:2].numpy())},
+                                                  {"body": npy(images[:3].numpy())}])
+    assert statuses == [200, 400]
+    assert [(output["name"], output["datatype"]) for output in answers[0]["outputs"]] == [
+        ("probabilities", "FP32"), ("class", "BYTES"), ("label", "INT32")]
+    assert "over the limit of 2 images" in answers[1]["error"]["message"]
+
+
+def _outputs_with(signature: dict[str, Any], name: str, **change: Any) -> list[dict[str, Any]]:
+    return [{**output, **change} if output["name"] == name else output for output in signature["outputs"]]
+
+
+def test_a_signature_that_does_not_fit_the_model_is_refused_at_initialize(chain: Chain, tmp_path: Path) -> None:
+    signature = json.loads(SIGNATURE.read_text())
+    broken = {
+        "the 10 classes of index_to_name.json": {**signature, "outputs": _outputs_with(signature, "probabilities",
+                                                                                       shape=[-1, 9])},
+        "max_images must be a positive integer": {**signature, "max_images": 0},
+        "is what this handler decodes": {**signature, "inputs": [{**signature["inputs"][0], "also": ["UINT8"]}]},
+        "outputs must be label, class, probabilities": {**signature, "outputs": signature["outputs"][:2]},
+        "whose first dimension is -1": {**signature, "outputs": _outputs_with(signature, "label", shape=[1])},
+    }
+    for index, (message, changed) in enumerate(broken.items()):
+        directory = model_dir_for(chain, "pruned", tmp_path / f"broken{index}", signature=changed)
+        with pytest.raises(RuntimeError, match=message):
+            FashionHandler().initialize(make_context(directory, "pruned"))

@@ -193,7 +193,7 @@ def test_auth_client_and_admin_tokens_and_no_management_api(stack: Stack, test_i
                          timeout=10).status_code == 401
     assert requests.get(f"{stack.url}/admin/experiments", headers=stack.headers(), timeout=10).status_code == 403
     assert requests.get(f"{stack.url}/admin/experiments", timeout=10).status_code == 401
-    for path in ("/models", "/models/fashion-full", "/v2/models/fashion-full/infer"):
+    for path in ("/models", "/models/fashion-full", "/v2/repository/index"):  # v2 serves no model repository
         assert requests.get(stack.url + path, headers=stack.admin(), timeout=10).status_code == 404
     with pytest.raises(grpc.RpcError) as refused:
         stack.grpc_predict("fashion", body, token="wrong")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -23,7 +24,7 @@ from router.config import (
     with_weights,
 )
 from router.errors import BadRequest, ConfigError, UpstreamUnavailable
-from router.request import label_of
+from router.request import labels_of, single_label
 from router.routing import choose_arm, random_arm, sticky_arm
 from router.stats import percentile, two_proportion_test, wilson_interval
 
@@ -194,8 +195,14 @@ def test_circuit_breaker_opens_after_consecutive_failures_and_sends_one_probe_wh
     assert breaker.success() and breaker.state(24.7) == "closed" and breaker.available(24.7)
 
 
-def test_label_of_reads_only_our_handlers_answers() -> None:
-    assert label_of(b'{"label": 7, "class": "Sneaker"}') == 7
-    assert label_of(b'{"error": {"code": 400}}') is None
-    assert label_of(b'{"label": true}') is None
-    assert label_of(b"not json") is None
+def test_labels_of_reads_only_our_handlers_answers() -> None:
+    assert labels_of(b'{"label": 7, "class": "Sneaker"}') == (7,)
+    assert labels_of(b'{"error": {"code": 400}}') is None
+    assert labels_of(b'{"label": true}') is None
+    assert labels_of(b"not json") is None
+    v2 = {"id": "", "outputs": [{"name": "class", "datatype": "BYTES", "shape": [2], "data": ["Bag", "Coat"]},
+                                {"name": "label", "datatype": "INT64", "shape": [2], "data": [8, 4]}]}
+    assert labels_of(json.dumps(v2).encode()) == (8, 4)  # an Open Inference Protocol answer: one per image
+    assert single_label((8, 4)) is None and single_label((8,)) == 8 and single_label(None) is None
+    v2["outputs"][1]["data"] = [8, "4"]
+    assert labels_of(json.dumps(v2).encode()) is None

@@ -13,7 +13,8 @@ ARG TORCHSERVE_VERSION=0.12.0
 
 RUN pip install --no-cache-dir \
         "torchserve==${TORCHSERVE_VERSION}" \
-        "pyyaml>=6.0" "requests>=2.31" "grpcio>=1.60" "grpcio-tools>=1.60" "aiohttp>=3.9" \
+        "pyyaml>=6.0" "requests>=2.31" "grpcio>=1.60" "grpcio-tools>=1.60,<1.81" \
+        "grpcio-health-checking>=1.60,<1.81" "numpy>=1.26" "aiohttp>=3.9" \
         "prometheus-client>=0.20" "uvloop>=0.19" "psutil>=6.0" "psycopg[binary]>=3.2"
 
 RUN groupadd --gid 10001 router && useradd --uid 10001 --gid 10001 --create-home router
@@ -21,6 +22,8 @@ WORKDIR /app
 # router imports serving (the TorchServe client, the project's names); serving/__init__.py is empty.
 COPY router/ /app/router/
 COPY serving/ /app/serving/
+# the model's signature in Open Inference Protocol terms (router.open_inference), the file every .mar carries
+COPY handlers/signature.json /app/handlers/signature.json
 RUN rm -rf /app/serving/_grpc && python -m serving.protos && chown -R 10001:10001 /app
 USER 10001:10001
 EXPOSE 8090 7090

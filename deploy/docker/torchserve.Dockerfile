@@ -12,6 +12,8 @@ ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ARG TORCHSERVE_VERSION=0.12.0
 ARG MODEL_ARCHIVER_VERSION=0.12.0
+# the handler's sessions for cards of format "onnx" (fashion_cnn.OnnxModel)
+ARG ONNXRUNTIME_VERSION=1.31.1
 
 # TorchServe's frontend is Java 17.
 RUN apt-get update \
@@ -23,7 +25,7 @@ RUN apt-get update \
 RUN pip install --no-cache-dir \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
         "torchserve==${TORCHSERVE_VERSION}" "torch-model-archiver==${MODEL_ARCHIVER_VERSION}" \
-        "pyyaml>=6.0" "captum>=0.7" "numpy>=1.26" "pillow>=10.0"
+        "pyyaml>=6.0" "captum>=0.7" "numpy>=1.26" "pillow>=10.0" "onnxruntime==${ONNXRUNTIME_VERSION}"
 
 # A fixed non-root user; the manifests run it as 10001 with a read-only root file system.
 RUN groupadd --gid 10001 model-server \

@@ -1,9 +1,14 @@
 """The bad-input matrix: every kind of malformed request, and the worst valid images, over REST and gRPC, directly
 to TorchServe and through the router, each sent inside a batch of good requests.
 
+The Open Inference Protocol's own bad kinds (wrong shape or datatype, too many elements, missing data, raw contents
+of the wrong length, an unknown output, a batch over the limit) go through the router's v2 endpoints (REST
+`/v2/models/{model}/infer`, gRPC `ModelInfer`), beside good requests of both protocols, the same way.
+
 Each bad kind must get a 4xx whose message names the problem (its key words are listed per kind; gRPC: the
-documented in-body error with code 400) — except where TorchServe itself refuses a body over its
-max_request_size before any handler sees it, which is asserted exactly as TorchServe does it. Each worst valid
+documented in-body error with code 400; v2: the protocol's 400, on gRPC INVALID_ARGUMENT) — except where
+TorchServe itself refuses a body over its max_request_size before any handler sees it, which is asserted exactly
+as TorchServe does it. Each worst valid
 image must be answered. The good requests beside them must be answered correctly; no worker may restart.
 
 And each kind has a stated cost bound, measured on the worker that serves it, for each batch holding it (the
@@ -25,10 +30,11 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import math
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,6 +306,10 @@ def warm_up(live: Watched) -> None:
             rest(live.stack, path, data, content_type)
             grpc_call(live.stack, path, data)
         send_in_batches(live, path, Kind("warm-up", body, "image/png", valid=True), body)
+    for v2_body in (v2_input("UINT8", [1, 28, 28], data=[0] * 784), good_v2(body)):
+        v2_rest(live.stack, v2_body, None)
+        v2_grpc(live.stack, oip.ModelInferRequest(model_name=MODEL, inputs=[oip.ModelInferRequest.InferInputTensor(
+            name="images", datatype="UINT8", shape=[1, 28, 28])], raw_input_contents=[bytes(784)]).SerializeToString())
 
 
 # --- the requests ----------------------------------------------------------------------------------------------
@@ -319,7 +329,8 @@ class RestAnswer:
     @property
     def message(self) -> str:
         try:
-            return str(json.loads(self.text)["error"]["message"])
+            error = json.loads(self.text)["error"]
+            return error if isinstance(error, str) else str(error["message"])  # v2: {"error": "<message>"}
         except (ValueError, KeyError, TypeError):
             return self.text
 
@@ -383,16 +394,20 @@ def send_in_batches(live: Watched, path: str, kind: Kind, good_body: bytes,
     return goods, answer, grpc_answer, cost
 
 
-def measured(live: Watched, path: str, kind: Kind, good_body: bytes,
-             ) -> tuple[list[RestAnswer], RestAnswer, GrpcAnswer, Cost]:
-    """send_in_batches, again while over a bound (up to TRIES times), keeping the first try within the bounds
-    (or, if none is, the one with the least handler time): every figure reported comes from one real try."""
-    goods, answer, grpc_answer, cost = send_in_batches(live, path, kind, good_body)
+Sent = tuple[list[RestAnswer], RestAnswer, GrpcAnswer, Cost]
+
+
+def measured(live: Watched, path: str, kind: Any, good_body: bytes,
+             send: Callable[[Watched, str, Any, bytes], Sent] = send_in_batches) -> Sent:
+    """`send` (send_in_batches, or send_v2_in_batches), again while over a bound (up to TRIES times), keeping the
+    first try within the bounds (or, if none is, the one with the least handler time): every figure reported comes
+    from one real try."""
+    goods, answer, grpc_answer, cost = send(live, path, kind, good_body)
     for attempt in range(2, TRIES + 1):
         if cost.within_bounds():
             break
         time.sleep(RETRY_PAUSE_S)  # let a burst of other work on the shared cores pass
-        _, _, _, again = send_in_batches(live, path, kind, good_body)
+        _, _, _, again = send(live, path, kind, good_body)
         if again.within_bounds() or again.handler_ms < cost.handler_ms:
             cost = dataclasses.replace(again, tries=attempt)
     return goods, answer, grpc_answer, cost
@@ -475,10 +490,151 @@ def test_the_open_inference_endpoint_refuses_a_long_shape_within_the_bound(watch
     assert max(batch.metrics["HandlerTime"] for batch in batches) <= HANDLER_TIME_BOUND_MS, (factors, batches)
 
 
+# --- the Open Inference Protocol's kinds, through the router -----------------------------------------------------
+oip = protos.load("open_inference_grpc_pb2")  # the protocol's messages (TorchServe's compiled grpc_predict_v2)
+V2_INFER_RPC = "/inference.GRPCInferenceService/ModelInfer"
+
+
+@dataclass(frozen=True)
+class V2Kind:
+    """A bad v2 request as a REST body (JSON, or JSON and Triton's binary tensors after `header_length` bytes) and
+    as a serialized gRPC ModelInferRequest; `router_refuses`: the router's codec refuses it before TorchServe."""
+
+    name: str
+    rest_body: bytes
+    header_length: int | None
+    grpc_request: bytes
+    words: tuple[str, ...]  # what the refusals must say (lower case)
+    router_refuses: bool = True
+    grpc_words: tuple[str, ...] = ()  # what the gRPC refusal must say instead, where its wording differs
+
+
+@dataclass(frozen=True)
+class V2RestAnswer(RestAnswer):
+    routed: bool = False  # it reached TorchServe (the answer names a request id)
+
+
+@dataclass(frozen=True)
+class V2GrpcAnswer(GrpcAnswer):
+    routed: bool = False
+
+
+def v2_input(datatype: str, shape: list[int], outputs: tuple[str, ...] = (), **entry: Any) -> bytes:
+    document: dict[str, Any] = {"inputs": [{"name": "images", "datatype": datatype, "shape": shape, **entry}]}
+    if outputs:
+        document["outputs"] = [{"name": name} for name in outputs]
+    return json.dumps(document).encode()
+
+
+def good_v2(png: bytes) -> bytes:
+    return v2_input("BYTES", [1], data=[base64.b64encode(png).decode()])
+
+
+def v2_kind(name: str, datatype: str, shape: list[int], raw: bytes | None, words: tuple[str, ...],
+            outputs: tuple[str, ...] = (), router_refuses: bool = True, grpc_words: tuple[str, ...] = ()) -> V2Kind:
+    """REST: the tensor in JSON 'data' when it is whole numbers of its shape, else in the binary extension (as
+    tritonclient sends it); gRPC: in raw_input_contents (as tritonclient sends it). No raw: no data at all."""
+    header_length = None
+    if raw is None:
+        rest_body = v2_input(datatype, shape, outputs)
+    elif datatype in ("UINT8", "INT32") and len(raw) == math.prod(shape) * (4 if datatype == "INT32" else 1):
+        values = list(raw) if datatype == "UINT8" else [0] * (len(raw) // 4)
+        rest_body = v2_input(datatype, shape, outputs, data=values)
+    else:
+        header = v2_input(datatype, shape, outputs, parameters={"binary_data_size": len(raw)})
+        rest_body, header_length = header + raw, len(header)
+    message = oip.ModelInferRequest(model_name=MODEL, inputs=[oip.ModelInferRequest.InferInputTensor(
+        name="images", datatype=datatype, shape=shape)], outputs=[
+        oip.ModelInferRequest.InferRequestedOutputTensor(name=output) for output in outputs],
+        raw_input_contents=[] if raw is None else [raw])
+    return V2Kind(name, rest_body, header_length, message.SerializeToString(), words, router_refuses, grpc_words)
+
+
+V2_KINDS = [
+    v2_kind("v2 wrong shape [1, 3, 3]", "UINT8", [1, 3, 3], bytes(9), ("shape", "[1, 3, 3]"), router_refuses=False),
+    v2_kind("v2 wrong datatype (INT32)", "INT32", [1, 784], bytes(4 * 784), ("datatype", "'int32'")),
+    v2_kind("v2 too many elements [1, 300, 300]", "UINT8", [1, 300, 300], bytes(784),
+            ("90000 elements", "over the limit of 50176")),
+    v2_kind("v2 missing data", "UINT8", [1, 28, 28], None, ("needs 'data'",),
+            grpc_words=("has no data", "raw_input_contents")),
+    v2_kind("v2 raw contents of the wrong length (700 of 784 bytes)", "UINT8", [1, 28, 28], bytes(700),
+            ("700 bytes", "needs 784")),
+    v2_kind("v2 unknown output (logits)", "UINT8", [1, 28, 28], bytes(784), ("unknown output 'logits'",),
+            outputs=("logits",)),
+    v2_kind("v2 batch over the limit (65 images)", "UINT8", [65, 28, 28], bytes(65 * 784),
+            ("50960 elements", "over the limit of 50176", "64 images")),
+]
+
+
+def v2_rest(live: Stack, body: bytes, header_length: int | None) -> V2RestAnswer:
+    headers = {"Authorization": f"Bearer {live.client_token}", "Content-Type": "application/json"}
+    if header_length is not None:
+        headers.update({"Inference-Header-Content-Length": str(header_length),
+                        "Content-Type": "application/octet-stream"})
+    response = requests.post(f"{live.url}/v2/models/{MODEL}/infer", data=body, headers=headers, timeout=60)
+    return V2RestAnswer(response.status_code, response.text, "X-Request-Id" in response.headers)
+
+
+def v2_grpc(live: Stack, request: bytes) -> V2GrpcAnswer:
+    with grpc.insecure_channel(live.grpc_target) as channel:
+        call = channel.unary_unary(V2_INFER_RPC)  # bytes in, bytes out: the request as serialized above
+        try:
+            call(request, metadata=(("authorization", f"Bearer {live.client_token}"),), timeout=60)
+        except grpc.RpcError as error:
+            routed = any(key == "x-request-id" for key, _ in error.trailing_metadata() or ())
+            return V2GrpcAnswer(error.code().name, error.details() or "", routed)
+    return V2GrpcAnswer("ok", "", True)
+
+
+def send_v2_in_batches(live: Watched, path: str, kind: V2Kind, good_body: bytes) -> Sent:
+    """As send_in_batches, through the router's v2 endpoints: the kind over REST between two good TorchServe-protocol
+    requests, then over gRPC beside a good v2 request; each group concurrently, into one 300 ms batch window."""
+    log = TorchServeLog(live.stack.torchserve)
+    before = resident_mb(live.worker)
+    reset_peak(live.worker)
+    with ThreadPoolExecutor(3) as pool:
+        before_future = pool.submit(rest, live.stack, path, good_body, "image/png")
+        kind_future = pool.submit(v2_rest, live.stack, kind.rest_body, kind.header_length)
+        after_future = pool.submit(rest, live.stack, path, good_body, "image/png")
+        good_before, answer, good_after = before_future.result(), kind_future.result(), after_future.result()
+        grpc_future = pool.submit(v2_grpc, live.stack, kind.grpc_request)
+        beside_future = pool.submit(v2_rest, live.stack, good_v2(good_body), None)
+        grpc_answer, good_beside = grpc_future.result(), beside_future.result()
+    batches = log.wait_for(MODEL, 3 + answer.routed + grpc_answer.routed)
+    cost = Cost(max(batch.metrics["HandlerTime"] for batch in batches),
+                max(batch.metrics["HandlerCPUTime"] for batch in batches),
+                peak_mb(live.worker) - before, resident_mb(live.worker) - before)
+    return [good_before, good_after, good_beside], answer, grpc_answer, cost
+
+
+@pytest.mark.parametrize("kind", V2_KINDS, ids=[kind.name for kind in V2_KINDS])
+def test_each_open_inference_kind_is_answered_alone_within_its_cost_bound(watched: Watched, good: tuple[bytes, int],
+                                                                          kind: V2Kind) -> None:
+    good_body, label = good
+    goods, answer, grpc_answer, cost = measured(watched, "router", kind, good_body, send=send_v2_in_batches)
+    for reply in goods[:2]:
+        assert reply.status == 200 and json.loads(reply.text)["label"] == label
+    outputs = {output["name"]: output["data"] for output in json.loads(goods[2].text)["outputs"]}
+    assert goods[2].status == 200 and outputs["label"] == [label]
+    where = f"{kind.name} via the router"
+    assert answer.status == 400 and grpc_answer.outcome == "INVALID_ARGUMENT", f"{where}: {answer} {grpc_answer}"
+    for message, words in ((answer.message, kind.words), (grpc_answer.message, kind.grpc_words or kind.words)):
+        assert all(word in message.lower() for word in words), f"{where}: {message!r} lacks {words}"
+    # refused by the router's codec before TorchServe, or (an image rule) by the handler, its 400 passed on
+    assert isinstance(answer, V2RestAnswer) and isinstance(grpc_answer, V2GrpcAnswer)
+    assert answer.routed == grpc_answer.routed == (not kind.router_refuses), where
+    RESULTS.append({"kind": kind.name, "path": "router", "rest": answer.status, "rest_message": answer.message,
+                    "grpc": grpc_answer.outcome, "grpc_message": grpc_answer.message, "cost": cost,
+                    "bytes": len(kind.rest_body)})
+    assert cost.handler_ms <= HANDLER_TIME_BOUND_MS, f"{where}: handler time {cost}"
+    assert cost.peak_mb <= MEMORY_BOUND_MB and cost.kept_mb <= MEMORY_BOUND_MB, f"{where}: worker memory {cost}"
+
+
 def matrix_table(workers: int) -> str:
     worst = max((row["cost"] for row in RESULTS), key=lambda cost: cost.handler_ms, default=None)
     lines = [f"{len(KINDS)} kinds ({sum(kind.valid for kind in KINDS)} of them valid worst-case images) × (REST, "
-             f"gRPC) × (direct, router), each inside a batch of good requests (which were all answered correctly). "
+             f"gRPC) × (direct, router), and {len(V2_KINDS)} Open Inference Protocol kinds (v2 REST, v2 gRPC) through "
+             f"the router, each inside a batch of good requests (which were all answered correctly). "
              f"Worker restarts: 0 ({workers} workers watched).", "",
              f"Cost per kind, on the worker that served it (the worst of the batches holding it, each with the kind "
              f"once; least of up to {TRIES} tries): TorchServe's HandlerTime (bound {HANDLER_TIME_BOUND_MS:g} ms), "

@@ -120,7 +120,10 @@ def test_inference_needs_a_token_at_the_router_and_at_torchserve(stack: Stack,  
 def test_torchserve_management_is_not_reachable_through_the_router(stack: Stack, test_images: Any) -> None:  # noqa: F811
     attempts = [("GET", "/models"), ("GET", "/models/fashion-full"), ("PUT", "/models/fashion-full?min_worker=0"),
                 ("POST", "/models?url=http://169.254.169.254/x.mar"), ("DELETE", "/models/fashion-full/1.0"),
-                ("GET", "/api-description"), ("OPTIONS", "/"), ("GET", "/v2/models/fashion-full"),
+                ("GET", "/api-description"), ("OPTIONS", "/"),
+                # the v2 paths the router serves are inference, metadata and health; the protocol's model
+                # repository extension (load, unload) is management, and is not there
+                ("POST", "/v2/repository/models/fashion-full/unload"), ("POST", "/v2/repository/index"),
                 ("POST", "/predictions/..%2Fmodels"), ("GET", "/metrics/../models")]
     body = encode_image(test_images[0][0])
     answers = {f"{method} {path}": requests.request(method, stack.url + path, data=body, timeout=10,
