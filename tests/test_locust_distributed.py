@@ -163,7 +163,11 @@ def assert_one_schedule_at_the_rate(samples: list[Sample]) -> None:
     """W interleaved schedules at rate/W each make one at `rate`, evenly spaced: the workers' slots are 1/rate
     apart, not bunched at whatever phase each worker started."""
     times = intended(samples)
-    assert (len(times) - 1) / (times[-1] - times[0]) == pytest.approx(RATE, rel=0.03)
+    # Over the schedule's middle: a worker that falls behind on a busy machine is stopped with its last slots
+    # unsent, so the run's tail can be one worker's slots alone (CI once read 35.5 req/s over the whole span).
+    # Two workers sending the whole rate each would still read 80 here, and one alone 20.
+    low, high = len(times) // 5, len(times) * 4 // 5
+    assert (high - low) / (times[high] - times[low]) == pytest.approx(RATE, rel=0.03)
     assert statistics.median(b - a for a, b in itertools.pairwise(times)) == pytest.approx(1 / RATE, rel=0.1)
 
 
