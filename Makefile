@@ -35,10 +35,13 @@ RUN_DIR       ?= runs/torchserve
 ROUTER_CONFIG ?= router/experiments.yaml
 # The soak `make chaos` runs against `make serve`'s stack, at 70 % of its measured saturation.
 SOAK_S        ?= 300
-MARS := $(foreach v,full pruned int8 distilled,model_store/fashion-$(v)-v$(VERSION).mar)
-# ONNX exports of the trained variants and ONNX Runtime's int8 of the full model (`make onnx`, not part of train).
+# ONNX exports of the trained variants and ONNX Runtime's int8 of the full model (`make onnx`; `make serve`
+# builds them).
 ONNX_FLAGS ?=
 ONNX_MODELS := $(foreach v,full pruned distilled int8,$(CKPT)/$(v)-onnx.onnx)
+# Every form serving/models.yaml serves: each variant in PyTorch and in ONNX Runtime.
+MARS := $(foreach v,full pruned int8 distilled,model_store/fashion-$(v)-v$(VERSION).mar \
+	model_store/fashion-$(v)-onnx-v$(VERSION).mar)
 
 .PHONY: help install data train onnx report archive serve cluster stop status loadtest bench capacity manifests chaos test lint clean distclean
 
@@ -95,20 +98,24 @@ report: $(REPORTS)/variants.md  ## Markdown table + PNG plot of the variants, fr
 $(REPORTS)/variants.md: training/report.py $(VARIANTS) | $(STAMP)
 	$(PY) -m training.report --checkpoints $(CKPT) --output-dir $(REPORTS)
 
-archive: $(MARS)  ## pack each variant into model_store/fashion-<variant>-v$(VERSION).mar (only missing ones)
+archive: $(MARS)  ## pack each variant and ONNX form into model_store/fashion-<variant>-v$(VERSION).mar (only missing ones)
 
 # A released version never changes under its number: an existing archive is kept (order-only prerequisite).
 # Retrained? Archive it as a new VERSION, or delete the old .mar first.
 model_store/fashion-%-v$(VERSION).mar: | $(CKPT)/%.pt
 	$(PY) -m serving.archive --version $(VERSION) --variants $* --checkpoints $(CKPT)
 
-serve: $(STAMP) | $(VARIANTS)  ## install, data, train if missing, archive, start TorchServe and the A/B router
+# The ONNX forms (make picks the pattern with the shorter stem: this one for fashion-*-onnx).
+model_store/fashion-%-onnx-v$(VERSION).mar: | $(CKPT)/%-onnx.onnx
+	$(PY) -m serving.archive --version $(VERSION) --variants $*-onnx --checkpoints $(CKPT)
+
+serve: $(STAMP) | $(VARIANTS) $(ONNX_MODELS)  ## install, data, train and export if missing, archive, start TorchServe and the A/B router
 	$(MAKE) --no-print-directory archive
 	$(PY) -m serving.examples
 	$(PY) -m serving --run-dir $(RUN_DIR) start
 	$(PY) -m router --config $(ROUTER_CONFIG) start
 
-cluster: $(STAMP) | $(VARIANTS)  ## (root) PostgreSQL, 2 TorchServe hosts in network namespaces, 2 router replicas, Locust master + 2 workers: a fault rehearsal, reports/cluster.md
+cluster: $(STAMP) | $(VARIANTS) $(ONNX_MODELS)  ## (root) PostgreSQL, 2 TorchServe hosts in network namespaces, 2 router replicas, Locust master + 2 workers: a fault rehearsal, reports/cluster.md
 	$(MAKE) --no-print-directory archive
 	$(PY) -m loadtest.rehearsal
 

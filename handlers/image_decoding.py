@@ -109,16 +109,22 @@ def _to_gray(image: Image.Image) -> Image.Image:
 def _like_training_data(image: Image.Image) -> torch.Tensor:
     """Grayscale, light garment on black, longer side 28 px, centred: how Fashion-MNIST images look."""
     gray = _to_gray(image)
-    pixels = np.asarray(gray)
+    # One copy out of Pillow, used for the border check and, at 28×28 (what clients of this model send), as the
+    # answer itself: each conversion re-encodes the image (Image.tobytes), and decoding is the largest cost of a
+    # request after the model (python -m loadtest.profile_worker).
+    pixels = np.array(gray, dtype=np.uint8)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    if border.mean() > LIGHT_BACKGROUND:  # photos of garments are dark on light; the data set is light on black
-        gray = Image.eval(gray, lambda value: 255 - value)
+    light = border.mean() > LIGHT_BACKGROUND  # photos of garments are dark on light; the data set is light on black
     size = fashion_cnn.IMAGE_SIZE
-    if gray.size != (size, size):
-        scale = size / max(gray.size)
-        resized = gray.resize((max(1, round(gray.width * scale)), max(1, round(gray.height * scale))),
-                              Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
-        canvas = Image.new("L", (size, size), 0)
-        canvas.paste(resized, ((size - resized.width) // 2, (size - resized.height) // 2))
-        gray = canvas
-    return torch.from_numpy(np.array(gray, dtype=np.uint8)).view(size, size)
+    if gray.size == (size, size):
+        if light:
+            np.subtract(255, pixels, out=pixels)
+        return torch.from_numpy(pixels)
+    if light:
+        gray = Image.fromarray(255 - pixels, mode="L")
+    scale = size / max(gray.size)
+    resized = gray.resize((max(1, round(gray.width * scale)), max(1, round(gray.height * scale))),
+                          Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
+    canvas = Image.new("L", (size, size), 0)
+    canvas.paste(resized, ((size - resized.width) // 2, (size - resized.height) // 2))
+    return torch.from_numpy(np.array(canvas, dtype=np.uint8))

@@ -1,23 +1,22 @@
 """Pack each variant into a versioned `.mar` for TorchServe with torch-model-archiver.
 
-Naming scheme: one TorchServe model per variant (`fashion-full`, `fashion-pruned`, `fashion-int8`,
-`fashion-distilled`), versions per release (`--version 1.0`, `2.0`, ...). The ONNX exports
-(`training.export_onnx`: `full-onnx`, `pruned-onnx`, `distilled-onnx`, `int8-onnx`) are archived the same way
-when named (`--variants full-onnx`: model `fashion-full-onnx`), but are not in the default set. The file is
-`model_store/<model>-v<version>.mar`, so several versions of one model sit side by side; TorchServe reads
-name and version from the archive's manifest, not from the file name.
+Naming scheme: one TorchServe model per variant and runtime (`fashion-full`, `fashion-pruned`, `fashion-int8`,
+`fashion-distilled` in PyTorch; their ONNX exports from `training.export_onnx` as `fashion-full-onnx`,
+`fashion-pruned-onnx`, `fashion-distilled-onnx`, and ONNX Runtime's int8 of full as `fashion-int8-onnx`),
+versions per release (`--version 1.0`, `2.0`, ...). The file is `model_store/<model>-v<version>.mar`, so several
+versions of one model sit side by side; TorchServe reads name and version from the archive's manifest, not from
+the file name.
 
 Each archive holds: the handler and the modules it imports (HANDLER_MODULES), `fashion_cnn.py` (the shared
 definitions), the weights (the file the card names), the model card as `card.json` (the handler checks the
 weights' sha256 against it), `index_to_name.json` (TorchServe's label mapping: the handler's class names come from
 it), `signature.json` (the models' Open Inference Protocol signature, read by the handler and by the router), and
-`model-config.yaml` (workers, batch size, max batch delay, response timeout, threads per worker; an ONNX variant
-without a file of its own in handlers/model_configs takes the one of the variant it stands in for).
+`model-config.yaml` (handlers/model_configs/<variant>.yaml: workers, batch size, max batch delay, response
+timeout, threads per worker — each variant and runtime tuned on its own by `make bench`).
 
 Usage:
-    python -m serving.archive --version 1.0                    # every variant in checkpoints/
+    python -m serving.archive --version 1.0                    # every variant and ONNX form in checkpoints/
     python -m serving.archive --version 2.0 --variants full int8 --checkpoints DIR --model-store DIR
-    python -m serving.archive --version 1.0 --variants full-onnx int8-onnx    # after `make onnx`
 """
 
 from __future__ import annotations
@@ -31,14 +30,25 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fashion_cnn import DATASETS, ONNX_SUFFIX
+from fashion_cnn import DATASETS
 
 # Where these live, and what models and archives are called, is shared with every stage (and re-exported here
 # for the callers that build archives).
-from serving.project import MODEL_CONFIGS, MODEL_PREFIX, MODEL_STORE, REPO, VARIANTS, mar_file_name, model_name
+from serving.project import (
+    MODEL_CONFIGS,
+    MODEL_PREFIX,
+    MODEL_STORE,
+    ONNX_SUFFIX,
+    ONNX_VARIANTS,
+    REPO,
+    SERVED_VARIANTS,
+    VARIANTS,
+    mar_file_name,
+    model_name,
+)
 
-__all__ = ["MODEL_CONFIGS", "MODEL_PREFIX", "ONNX_VARIANTS", "REPO", "VARIANTS", "build_archive", "mar_file_name",
-           "model_name"]
+__all__ = ["MODEL_CONFIGS", "MODEL_PREFIX", "ONNX_VARIANTS", "REPO", "SERVED_VARIANTS", "VARIANTS", "build_archive",
+           "mar_file_name", "model_name"]
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +57,11 @@ HANDLER_MODULES = [REPO / "handlers" / f"{module}.py"
                    for module in ("request_decoding", "image_decoding", "open_inference", "invalid_input")]
 SHARED_MODULE = REPO / "fashion_cnn.py"
 SIGNATURE = REPO / "handlers" / "signature.json"
-# What `make onnx` exports: archived on request (--variants), not served by default (serving.project.VARIANTS).
-ONNX_VARIANTS = tuple(variant + ONNX_SUFFIX for variant in VARIANTS)
 
 
 def label_mapping(dataset: str) -> dict[str, str]:
     """index_to_name.json: class index (as a string, TorchServe's convention) to class name."""
     return {str(index): name for index, name in enumerate(DATASETS[dataset].classes)}
-
-
-def default_model_config(variant: str) -> Path:
-    """handlers/model_configs/<variant>.yaml; for an ONNX variant without one, that of the variant it stands in for
-    (full-onnx runs full's settings until it is tuned on its own)."""
-    own = MODEL_CONFIGS / f"{variant}.yaml"
-    if own.is_file() or not variant.endswith(ONNX_SUFFIX):
-        return own
-    return MODEL_CONFIGS / f"{variant.removesuffix(ONNX_SUFFIX)}.yaml"
 
 
 def build_archive(
@@ -81,7 +80,7 @@ def build_archive(
     weights = checkpoints / card_fields["file"]  # <variant>.pt, or <variant>.onnx for an ONNX export
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing; {hint}")
-    model_config = model_config or default_model_config(variant)
+    model_config = model_config or MODEL_CONFIGS / f"{variant}.yaml"
     dataset = card_fields["dataset"]
     model_store.mkdir(parents=True, exist_ok=True)
     name = model_name(variant)
@@ -112,7 +111,7 @@ def build_archive(
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Build versioned .mar archives", add_help=add_help)
     parser.add_argument("--version", required=True, help="release version of the archives, e.g. 1.0")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + ONNX_VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(SERVED_VARIANTS), choices=SERVED_VARIANTS)
     parser.add_argument("--checkpoints", type=Path, default=REPO / "checkpoints")
     parser.add_argument("--model-store", type=Path, default=MODEL_STORE)
     return parser

@@ -14,7 +14,13 @@ REPO = Path(__file__).resolve().parents[1]
 KIT_VERSION = "0.1.0"
 MODEL_STORE = REPO / "model_store"
 MODEL_CONFIGS = REPO / "handlers" / "model_configs"  # <variant>.yaml: workers and batching per variant
-VARIANTS = ("full", "pruned", "int8", "distilled")  # the variants that are archived and served
+VARIANTS = ("full", "pruned", "int8", "distilled")  # the trained variants (`make train`)
+# Their ONNX forms (`make onnx`, training.export_onnx; int8-onnx is ONNX Runtime's own int8 of full): the same
+# weights on another runtime, archived and served beside them. The suffix is fashion_cnn.ONNX_SUFFIX (this module
+# imports no torch; tests/test_onnx.py checks they agree).
+ONNX_SUFFIX = "-onnx"
+ONNX_VARIANTS = tuple(variant + ONNX_SUFFIX for variant in VARIANTS)
+SERVED_VARIANTS = VARIANTS + ONNX_VARIANTS  # every form `make serve` archives and serves (serving/models.yaml)
 MODEL_PREFIX = "fashion-"
 
 

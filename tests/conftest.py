@@ -17,6 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
+from fashion_cnn import ONNX_SUFFIX
 from serving.project import REPO
 from tests.postgres import ScratchPostgres, missing_reason
 
@@ -35,21 +36,40 @@ def run_module(module: str, *args: str, check: bool = True) -> subprocess.Comple
     return result
 
 
+# Each ONNX form and the PyTorch variant it is exported from (training.export_onnx): fp32 exports of the state_dict
+# variants, and ONNX Runtime's static int8 of full (--quantize).
+ONNX_PARENTS = {**{parent + ONNX_SUFFIX: parent for parent in ("full", "pruned", "distilled")},
+                "int8" + ONNX_SUFFIX: "full"}
+QUANTIZED_ONNX = "int8" + ONNX_SUFFIX
+
+
 @dataclass(frozen=True)
 class Chain:
     directory: Path
 
     def weights(self, name: str) -> Path:
-        return self.directory / f"{name}.pt"
+        """The file the variant's card names: <name>.pt, or <name>.onnx for an ONNX form."""
+        return self.directory / self.card(name)["file"]
 
     def card(self, name: str) -> dict[str, Any]:
-        card: dict[str, Any] = json.loads((self.directory / f"{name}.card.json").read_text())
+        path = self.directory / f"{name}.card.json"
+        if not path.is_file() and name in ONNX_PARENTS:
+            self._export_onnx(name)
+        card: dict[str, Any] = json.loads(path.read_text())
         return card
+
+    def _export_onnx(self, name: str) -> None:
+        """An ONNX form is exported on first use, by its real script with --dry-run and its default name (beside
+        its parent, in this directory): each takes seconds, and most test files need one or none of them."""
+        parent = str(self.directory / f"{ONNX_PARENTS[name]}.pt")
+        run_module("training.export_onnx", "--dry-run", "--parent", parent,
+                   *(["--quantize"] if name == QUANTIZED_ONNX else []))
 
 
 @pytest.fixture(scope="session")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
-    """full → pruned, int8, distilled, and the student baseline, each from its real script with --dry-run."""
+    """full → pruned, int8, distilled, and the student baseline, each from its real script with --dry-run; their
+    ONNX forms (ONNX_PARENTS) when first asked for."""
     directory = tmp_path_factory.mktemp("checkpoints")
     full = str(directory / "full.pt")
     run_module("training.train", "--dry-run", "--output", full)
@@ -71,7 +91,8 @@ def encode_image(image: Image.Image | torch.Tensor, fmt: str = "PNG") -> bytes:
 
 
 def in_process_labels(chain: Chain, variant: str, images: torch.Tensor) -> list[int]:
-    """What the saved variant answers for uint8 images, in this process: the reference for served answers."""
+    """What the saved variant (an ONNX form: its ONNX Runtime session) answers for uint8 images, in this process:
+    the reference for served answers."""
     from fashion_cnn import load_model, normalize
 
     model = load_model(chain.weights(variant), chain.card(variant)["format"])
@@ -100,20 +121,20 @@ def postgres() -> Iterator[ScratchPostgres]:
         yield server
 
 
-# One worker per version. The distilled model gets a long batch window, so concurrent test requests share a
-# batch (the bad-request-in-a-batch test); the others a short one, so sequential requests stay fast.
+# One worker per version. The distilled model and its ONNX form get a long batch window, so concurrent test requests
+# share a batch (the bad-request-in-a-batch tests); the others a short one, so sequential requests stay fast.
 TEST_MODEL_CONFIG = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 10,
                      "responseTimeout": 60, "handler": {"threads": 1}}
-SLOW_BATCH_VARIANT = "distilled"
+SLOW_BATCH_VARIANTS = ("distilled", "distilled" + ONNX_SUFFIX)
 SLOW_BATCH_DELAY_MS = 300
 
 
 @pytest.fixture(scope="session")
 def torchserve(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A real TorchServe from real .mar files of the dry-run checkpoints: every variant at version 1.0, the full
-    model also at 2.0, on free loopback ports in its own run directory."""
+    """A real TorchServe from real .mar files of the dry-run checkpoints, as `make serve` serves them: every variant
+    and its ONNX form at version 1.0, the full model also at 2.0, on free loopback ports in its own run directory."""
     from serving import server
-    from serving.archive import VARIANTS, build_archive, model_name
+    from serving.archive import SERVED_VARIANTS, build_archive, model_name
     from serving.instance import free_ports
 
     root = tmp_path_factory.mktemp("serve")
@@ -121,10 +142,11 @@ def torchserve(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     configs.mkdir()
     store = root / "model_store"
     models: dict[str, Any] = {}
-    for variant in VARIANTS:
+    for variant in SERVED_VARIANTS:
         config = configs / f"{variant}.yaml"
-        delay = SLOW_BATCH_DELAY_MS if variant == SLOW_BATCH_VARIANT else TEST_MODEL_CONFIG["maxBatchDelay"]
+        delay = SLOW_BATCH_DELAY_MS if variant in SLOW_BATCH_VARIANTS else TEST_MODEL_CONFIG["maxBatchDelay"]
         config.write_text(yaml.safe_dump({**TEST_MODEL_CONFIG, "maxBatchDelay": delay}))
+        chain.card(variant)  # an ONNX form is exported here, on first use
         versions = ["1.0", "2.0"] if variant == "full" else ["1.0"]
         for version in versions:
             build_archive(variant, version, chain.directory, store, model_config=config)

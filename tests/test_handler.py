@@ -30,6 +30,7 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.utils.util import list_classes_from_module
 
 import fashion_cnn
+from fashion_cnn import ONNX_SUFFIX
 from serving.archive import SIGNATURE, build_archive, label_mapping
 from tests.conftest import Chain, encode_image, in_process_labels
 
@@ -41,10 +42,11 @@ ImageFile.MAXBLOCK = 1 << 24  # Pillow's JPEG encoder needs room to write progre
 
 def model_dir_for(chain: Chain, variant: str, directory: Path, labels: dict[str, Any] | None = None,
                   signature: dict[str, Any] | None = None) -> Path:
-    """What TorchServe unpacks from a .mar: the weights, the card (as card.json), index_to_name.json and
-    signature.json (test_the_archive_packs_what_the_handler_reads checks a real .mar holds these)."""
+    """What TorchServe unpacks from a .mar: the weights (or ONNX file) the card names, the card (as card.json),
+    index_to_name.json and signature.json (test_the_archive_packs_what_the_handler_reads checks a real .mar holds
+    these)."""
     directory.mkdir(parents=True, exist_ok=True)
-    shutil.copy(chain.weights(variant), directory / f"{variant}.pt")
+    shutil.copy(chain.weights(variant), directory)
     shutil.copy(chain.directory / f"{variant}.card.json", directory / CARD_FILE)
     mapping = labels if labels is not None else label_mapping(chain.card(variant)["dataset"])
     (directory / LABELS_FILE).write_text(json.dumps(mapping))
@@ -53,7 +55,10 @@ def model_dir_for(chain: Chain, variant: str, directory: Path, labels: dict[str,
 
 
 def make_context(model_dir: Path, variant: str, threads: int = 1) -> Context:
-    manifest = {"model": {"modelName": f"fashion-{variant}", "serializedFile": f"{variant}.pt", "modelVersion": "1.0"}}
+    """TorchServe's Context for a worker of `variant` whose archive is unpacked in model_dir (its manifest names the
+    file the card there names, as serving.archive packs it)."""
+    weights = json.loads((model_dir / CARD_FILE).read_text())["file"]
+    manifest = {"model": {"modelName": f"fashion-{variant}", "serializedFile": weights, "modelVersion": "1.0"}}
     with warnings.catch_warnings():  # TorchServe's loader leaves the YAML file for the garbage collector to close
         warnings.simplefilter("ignore", ResourceWarning)
         metrics = MetricsCacheYamlImpl(config_file_path=str(TS_METRICS_YAML))
@@ -85,7 +90,9 @@ class Worker:
         return answers, [self.context.get_response_status(i)[0] for i in range(len(rows))]
 
 
-@pytest.fixture(scope="module", params=["full", "int8"])
+# The full model, its FX int8 form (TorchScript), and the full model's ONNX export run by ONNX Runtime: every test
+# of a worker runs on each, since the handler must decode, refuse and answer alike whatever runs the model.
+@pytest.fixture(scope="module", params=["full", "int8", "full" + ONNX_SUFFIX])
 def worker(request: pytest.FixtureRequest, chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Worker:
     variant = request.param
     directory = model_dir_for(chain, variant, tmp_path_factory.mktemp(variant))
@@ -321,6 +328,20 @@ def test_topk_is_settable_and_ranked(worker: Worker, test_images: Any) -> None:
     assert probabilities == sorted(probabilities, reverse=True)
     assert sum(probabilities) == pytest.approx(1.0, abs=1e-4)
     assert {entry["class"] for entry in answers[1]["topk"]} == set(worker.handler.classes)
+
+
+def test_topk_ranks_ties_lowest_label_first_like_the_v2_argmax(worker: Worker) -> None:
+    """Equal probabilities rank by label, so a REST answer's label is the v2 answer's argmax (torch.topk's order
+    for ties is unspecified); distinct ones rank by probability."""
+    from request_decoding import Request
+
+    tied = torch.full((1, 10), 0.1)
+    answer = worker.handler.answer((Request(torch.zeros(1, 28, 28), topk=3), tied))
+    assert [entry["label"] for entry in answer["topk"]] == [0, 1, 2] and answer["label"] == int(tied.argmax())
+    mixed = torch.tensor([[0.05, 0.3, 0.05, 0.3, 0.1, 0.05, 0.05, 0.05, 0.0, 0.05]])
+    answer = worker.handler.answer((Request(torch.zeros(1, 28, 28), topk=4), mixed))
+    assert [entry["label"] for entry in answer["topk"]] == [1, 3, 4, 0]
+    assert [entry["probability"] for entry in answer["topk"]] == [0.3, 0.3, 0.1, 0.05]
 
 
 def test_each_batch_records_torchserve_stage_metrics(worker: Worker, test_images: Any,

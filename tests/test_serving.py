@@ -16,9 +16,9 @@ import requests
 
 from serving import protos, server
 from serving.client import Client, Target
-from serving.project import VARIANTS, model_name
+from serving.project import SERVED_VARIANTS, model_name
 from serving.ts_config import allowed_urls, read_properties
-from tests.conftest import Chain, encode_image, in_process_labels
+from tests.conftest import SLOW_BATCH_VARIANTS, Chain, encode_image, in_process_labels
 
 pytestmark = pytest.mark.serving
 
@@ -44,7 +44,7 @@ def over_grpc(client: Client, model: str, body: bytes, version: str | None = Non
     return client.predict_grpc(Target(model, version), {"data": body}).json()
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", SERVED_VARIANTS)  # each PyTorch variant and each ONNX form
 def test_every_variant_answers_rest_and_grpc_like_the_in_process_model(
     client: Client, chain: Chain, test_images: Any, variant: str
 ) -> None:
@@ -113,10 +113,11 @@ def worker_pids(instance: server.Instance, model: str) -> list[int]:
     return sorted(worker["pid"] for version in described for worker in version["workers"])
 
 
-def test_a_bad_request_in_a_batch_of_good_ones_fails_alone(instance: server.Instance, client: Client,
-                                                          test_images: Any) -> None:
+@pytest.mark.parametrize("variant", SLOW_BATCH_VARIANTS)  # PyTorch and ONNX Runtime, each with a 300 ms window
+def test_a_bad_request_in_a_batch_of_good_ones_fails_alone(instance: server.Instance, client: Client, chain: Chain,
+                                                          test_images: Any, variant: str) -> None:
     images, _ = test_images
-    model = model_name("distilled")
+    model = model_name(variant)
     pids_before = worker_pids(instance, model)
     bodies = [(encode_image(images[0]), "image/png"), (b"\x89PNG\r\n\x1a\ntruncated", "image/png"),
               (json.dumps({"data": images[1].tolist()}).encode(), "application/json"),
@@ -129,6 +130,8 @@ def test_a_bad_request_in_a_batch_of_good_ones_fails_alone(instance: server.Inst
     with ThreadPoolExecutor(len(bodies)) as pool:  # concurrent, inside one 300 ms batch window
         responses = list(pool.map(post, bodies))
     assert [response.status_code for response in responses] == [200, 400, 200, 400]
+    assert [responses[0].json()["label"], responses[2].json()["label"]] == in_process_labels(chain, variant,
+                                                                                              images[:2])
     assert "cannot decode the image" in responses[1].json()["error"]["message"]
     assert "NaN or infinity" in responses[3].json()["error"]["message"]
     assert max(int(response.headers["X-Batch-Size"]) for response in responses) >= 2  # they did share a batch

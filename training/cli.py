@@ -23,7 +23,7 @@ from fashion_cnn import (
 )
 from training.cards import write_card
 from training.data import Augmentation, DatasetNotFoundError, Split, load_split
-from training.engine import LATENCY_REPEATS, Criterion, fit, set_seed
+from training.engine import LATENCY_REPEATS, Criterion, fit, native_bf16, set_seed
 from training.recipes import Recipe
 
 DRY_RUN_TRAIN_IMAGES = 512
@@ -41,8 +41,9 @@ def add_common_args(parser: argparse.ArgumentParser, output: str) -> None:
                         help="checkpoint path (card written beside)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                        help="train under bfloat16 autocast (weights stay fp32)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="train under bfloat16 autocast (weights stay fp32); default: where the CPU has native "
+                             "bfloat16 units (AMX or AVX-512 BF16), since elsewhere it is emulated and far slower")
     parser.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
     parser.add_argument("--latency-repeats", type=int, default=LATENCY_REPEATS)
@@ -126,6 +127,8 @@ def prepare_run(args: argparse.Namespace, recipe: Recipe | None = None) -> Run:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if recipe is not None:
         apply_recipe(args, recipe)
+    if getattr(args, "bf16", False) is None:
+        args.bf16 = native_bf16()  # resolved here, so the card's recipe says what ran
     if args.dry_run:
         args.train_subset = min(args.train_subset or DRY_RUN_TRAIN_IMAGES, DRY_RUN_TRAIN_IMAGES)
         args.test_subset = min(args.test_subset or DRY_RUN_TEST_IMAGES, DRY_RUN_TEST_IMAGES)

@@ -86,8 +86,16 @@ class DistillationLoss:
         return distillation_loss(logits, teacher_logits.float(), targets, self.temperature, self.alpha)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AMX tiles or AVX-512 BF16). On an AVX2-only CPU autocast
+    emulates it: a batch of 128 through the full model took 2.3 s here against 0.25 s in fp32 (AVX2 only)."""
+    # torch's own checks are private: a torch without them counts as no native bfloat16 (fp32, always correct).
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
 def autocast_context(enabled: bool) -> torch.autocast | nullcontext[None]:
-    # bfloat16 autocast uses the CPU's AMX/AVX-512 BF16 units where present: ~2x faster training here.
+    # bfloat16 autocast uses the CPU's AMX/AVX-512 BF16 units where present: ~2x faster training there.
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
 
 

@@ -1,5 +1,7 @@
 """The bad-input matrix: every kind of malformed request, and the worst valid images, over REST and gRPC, directly
-to TorchServe and through the router, each sent inside a batch of good requests.
+to TorchServe and through the router, each sent inside a batch of good requests, to the distilled model in
+PyTorch and to its ONNX export run by ONNX Runtime (the same handler, another runtime): each kind goes to both
+models at once, into a batch of each model's own.
 
 The Open Inference Protocol's own bad kinds (wrong shape or datatype, too many elements, missing data, raw contents
 of the wrong length, an unknown output, a batch over the limit) go through the router's v2 endpoints (REST
@@ -19,8 +21,8 @@ kind once, with good requests):
   * worker memory: its peak resident memory while the kind is served, and what stays afterwards, at most
     MEMORY_BOUND_MB above what it held before.
 The metrics are read from the [METRICS] lines TorchServe's frontend writes into ts_log.log for each batch, with
-the batch's request ids. A kind over a bound is measured again (up to TRIES times) and its least cost kept: the
-two cores are shared, other processes only ever add time, and a real cost shows on every try.
+the batch's request ids and model. A kind over a bound on a model is measured again (up to TRIES times) and its
+least cost kept: the two cores are shared, other processes only ever add time, and a real cost shows on every try.
 
 Its table goes to the reliability report (`make chaos`: reports/reliability.md); `make test` runs it too.
 """
@@ -47,16 +49,20 @@ import requests
 from PIL import Image
 
 from serving import protos, server
-from tests.conftest import Chain, encode_image, in_process_labels
+from serving.project import model_name
+from tests.conftest import SLOW_BATCH_VARIANTS, Chain, encode_image, in_process_labels
 from tests.reliability.conftest import ChaosReport
 from tests.test_handler import worst_valid_images
 from tests.test_router import Stack, stack  # noqa: F401 (the real router in front of the test TorchServe)
 
 pytestmark = pytest.mark.router
 
-# 300 ms batch window in the test TorchServe: concurrent requests share a batch. Through the router it is a
-# plain model name, which the router passes through (measured, logged, with its own limits).
-MODEL = "fashion-distilled"
+# The models under test, PyTorch's and ONNX Runtime's, each with a 300 ms batch window in the test TorchServe:
+# concurrent requests share a batch, and the two models' windows run side by side, so sending each kind to both
+# takes the time of one. Through the router each is a plain model name, which the router passes through (measured,
+# logged, with its own limits).
+VARIANTS = {model_name(variant): variant for variant in SLOW_BATCH_VARIANTS}
+MODELS = tuple(VARIANTS)
 TORCHSERVE_MAX_REQUEST_BYTES = 6_553_500  # its default max_request_size (config.properties leaves it as it is)
 HANDLER_TIME_BOUND_MS = 50.0
 MEMORY_BOUND_MB = 50.0
@@ -182,10 +188,17 @@ KINDS = kinds()
 RESULTS: list[dict[str, Any]] = []
 
 
+@dataclass(frozen=True)
+class Good:
+    body: bytes  # a PNG of a test image
+    labels: dict[str, int]  # what each model must answer for it: its saved form's answer in this process
+
+
 @pytest.fixture(scope="module")
-def good(test_images: Any, chain: Chain) -> tuple[bytes, int]:
+def good(test_images: Any, chain: Chain) -> Good:
     images, _ = test_images
-    return encode_image(images[5]), in_process_labels(chain, "distilled", images[5:6])[0]
+    return Good(encode_image(images[5]),
+                {model: in_process_labels(chain, variant, images[5:6])[0] for model, variant in VARIANTS.items()})
 
 
 # --- the worker and what it costs ------------------------------------------------------------------------------
@@ -277,15 +290,16 @@ class Cost:
 @dataclass
 class Watched:
     stack: Stack
-    worker: int  # pid of MODEL's one worker
+    workers: dict[str, int]  # model: the pid of its one worker
 
 
 @pytest.fixture(scope="module")
 def watched(stack: Stack, chaos_report: ChaosReport) -> Iterator[Watched]:  # noqa: F811 (the imported fixture)
     """No worker may restart, and no worker's memory may grow past the bound over the whole matrix."""
     pids = worker_pids(stack.torchserve)
-    (worker,) = pids[f"{MODEL}/1.0"]
-    live = Watched(stack, worker)
+    live = Watched(stack, {})
+    for model in MODELS:
+        (live.workers[model],) = pids[f"{model}/1.0"]
     warm_up(live)
     memory = {pid: resident_mb(pid) for workers in pids.values() for pid in workers}
     yield live
@@ -297,19 +311,27 @@ def watched(stack: Stack, chaos_report: ChaosReport) -> Iterator[Watched]:  # no
 
 def warm_up(live: Watched) -> None:
     """Each form of request, each way, and the matrix's batch sizes, before anything is measured: a worker's
-    first requests allocate what it then keeps (buffers, torch's per-shape caches), which no one kind costs."""
+    first requests allocate what it then keeps (buffers, torch's and ONNX Runtime's per-shape caches), which no one
+    kind costs. The models are warmed side by side."""
     body = encode_image(Image.new("L", (28, 28)))
     forms = [(body, "image/png"), (json.dumps({"data": [0] * 784}).encode(), "application/json"),
              (json.dumps(v2([784], [0] * 784)).encode(), "application/json"), (b"junk", "application/octet-stream")]
+    raw = oip.ModelInferRequest(inputs=[oip.ModelInferRequest.InferInputTensor(
+        name="images", datatype="UINT8", shape=[1, 28, 28])], raw_input_contents=[bytes(784)]).SerializeToString()
+
+    def each_form(model: str) -> None:
+        for path in ("direct", "router"):
+            for data, content_type in forms:
+                rest(live.stack, path, model, data, content_type)
+                grpc_call(live.stack, path, model, data)
+        for v2_body in (v2_input("UINT8", [1, 28, 28], data=[0] * 784), good_v2(body)):
+            v2_rest(live.stack, model, v2_body, None)
+            v2_grpc(live.stack, model, raw)
+
+    with ThreadPoolExecutor(len(MODELS)) as pool:
+        list(pool.map(each_form, MODELS))
     for path in ("direct", "router"):
-        for data, content_type in forms:
-            rest(live.stack, path, data, content_type)
-            grpc_call(live.stack, path, data)
         send_in_batches(live, path, Kind("warm-up", body, "image/png", valid=True), body)
-    for v2_body in (v2_input("UINT8", [1, 28, 28], data=[0] * 784), good_v2(body)):
-        v2_rest(live.stack, v2_body, None)
-        v2_grpc(live.stack, oip.ModelInferRequest(model_name=MODEL, inputs=[oip.ModelInferRequest.InferInputTensor(
-            name="images", datatype="UINT8", shape=[1, 28, 28])], raw_input_contents=[bytes(784)]).SerializeToString())
 
 
 # --- the requests ----------------------------------------------------------------------------------------------
@@ -345,22 +367,22 @@ class GrpcAnswer:
         return self.outcome in ("ok", "in-body 400")
 
 
-def rest(live: Stack, path: str, body: bytes, content_type: str) -> RestAnswer:
+def rest(live: Stack, path: str, model: str, body: bytes, content_type: str) -> RestAnswer:
     if path == "direct":
-        url, headers = f"{live.torchserve.inference_url}/predictions/{MODEL}", live.torchserve.headers()
+        url, headers = f"{live.torchserve.inference_url}/predictions/{model}", live.torchserve.headers()
     else:
-        url, headers = f"{live.url}/predictions/{MODEL}", {"Authorization": f"Bearer {live.client_token}"}
+        url, headers = f"{live.url}/predictions/{model}", {"Authorization": f"Bearer {live.client_token}"}
     response = requests.post(url, data=body, headers={**headers, "Content-Type": content_type}, timeout=60)
     return RestAnswer(response.status_code, response.text)
 
 
-def grpc_call(live: Stack, path: str, body: bytes, key: str = "data") -> GrpcAnswer:
+def grpc_call(live: Stack, path: str, model: str, body: bytes, key: str = "data") -> GrpcAnswer:
     target = live.torchserve.grpc_target if path == "direct" else live.grpc_target
     token = live.torchserve.token() if path == "direct" else live.client_token
     metadata = (("authorization", f"Bearer {token}"),)
     with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 16 << 20)]) as channel:
         stub = protos.load("inference_pb2_grpc").InferenceAPIsServiceStub(channel)
-        request = protos.load("inference_pb2").PredictionsRequest(model_name=MODEL, input={key: body})
+        request = protos.load("inference_pb2").PredictionsRequest(model_name=model, input={key: body})
         try:
             answer = json.loads(stub.Predictions(request, metadata=metadata, timeout=60).prediction)
         except grpc.RpcError as error:
@@ -370,59 +392,90 @@ def grpc_call(live: Stack, path: str, body: bytes, key: str = "data") -> GrpcAns
     return GrpcAnswer("ok", json.dumps(answer))
 
 
-def send_in_batches(live: Watched, path: str, kind: Kind, good_body: bytes,
-                    ) -> tuple[list[RestAnswer], RestAnswer, GrpcAnswer, Cost]:
-    """The kind over REST between two good REST requests, then over gRPC beside a good one: each group is sent
-    concurrently, into one 300 ms batch window, so every batch holds the kind once."""
-    log = TorchServeLog(live.stack.torchserve)
-    before = resident_mb(live.worker)
-    reset_peak(live.worker)
-    with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(rest, live.stack, path, good_body, "image/png"),
-                   pool.submit(rest, live.stack, path, kind.body, kind.content_type),
-                   pool.submit(rest, live.stack, path, good_body, "image/png")]
-        good_before, answer, good_after = (f.result() for f in futures)
-        grpc_future = pool.submit(grpc_call, live.stack, path, kind.body)
-        beside_future = pool.submit(rest, live.stack, path, good_body, "image/png")
-        grpc_answer, good_beside = grpc_future.result(), beside_future.result()
-    goods = [good_before, good_after, good_beside]
-    answered = sum(reply.from_handler for reply in (*goods, answer)) + grpc_answer.from_handler
-    batches = log.wait_for(MODEL, answered)
-    cost = Cost(max(batch.metrics["HandlerTime"] for batch in batches),
+@dataclass(frozen=True)
+class Sent:
+    """What one model answered for a kind sent inside batches of good requests, and what the kind cost it."""
+
+    goods: list[RestAnswer]
+    answer: RestAnswer  # the kind over REST
+    grpc_answer: GrpcAnswer  # the kind over gRPC
+    cost: Cost
+
+
+def cost_of(live: Watched, log: TorchServeLog, model: str, answered: int, before_mb: float) -> Cost:
+    """The kind's cost on `model`'s worker: the worst of the batches that answered `answered` requests since `log`
+    was opened, and its memory against `before_mb` (its peak counted afresh since then)."""
+    batches = log.wait_for(model, answered)
+    worker = live.workers[model]
+    return Cost(max(batch.metrics["HandlerTime"] for batch in batches),
                 max(batch.metrics["HandlerCPUTime"] for batch in batches),
-                peak_mb(live.worker) - before, resident_mb(live.worker) - before)
-    return goods, answer, grpc_answer, cost
+                peak_mb(worker) - before_mb, resident_mb(worker) - before_mb)
 
 
-Sent = tuple[list[RestAnswer], RestAnswer, GrpcAnswer, Cost]
+def start_measuring(live: Watched) -> tuple[TorchServeLog, dict[str, float]]:
+    """The log from here on, and each worker's memory now (its peak counted afresh)."""
+    log = TorchServeLog(live.stack.torchserve)
+    before = {model: resident_mb(worker) for model, worker in live.workers.items()}
+    for worker in live.workers.values():
+        reset_peak(worker)
+    return log, before
+
+
+def send_in_batches(live: Watched, path: str, kind: Kind, good_body: bytes) -> dict[str, Sent]:
+    """To each model at once: the kind over REST between two good REST requests, then over gRPC beside a good one;
+    each group is sent concurrently, into one 300 ms batch window per model, so every batch holds the kind once."""
+    log, before = start_measuring(live)
+    with ThreadPoolExecutor(3 * len(MODELS)) as pool:
+        first = {model: [pool.submit(rest, live.stack, path, model, good_body, "image/png"),
+                         pool.submit(rest, live.stack, path, model, kind.body, kind.content_type),
+                         pool.submit(rest, live.stack, path, model, good_body, "image/png")] for model in MODELS}
+        rests = {model: [future.result() for future in futures] for model, futures in first.items()}
+        second = {model: (pool.submit(grpc_call, live.stack, path, model, kind.body),
+                          pool.submit(rest, live.stack, path, model, good_body, "image/png")) for model in MODELS}
+        grpcs = {model: (kind_future.result(), beside.result()) for model, (kind_future, beside) in second.items()}
+    sent = {}
+    for model in MODELS:
+        (good_before, answer, good_after), (grpc_answer, good_beside) = rests[model], grpcs[model]
+        goods = [good_before, good_after, good_beside]
+        answered = sum(reply.from_handler for reply in (*goods, answer)) + grpc_answer.from_handler
+        sent[model] = Sent(goods, answer, grpc_answer, cost_of(live, log, model, answered, before[model]))
+    return sent
 
 
 def measured(live: Watched, path: str, kind: Any, good_body: bytes,
-             send: Callable[[Watched, str, Any, bytes], Sent] = send_in_batches) -> Sent:
-    """`send` (send_in_batches, or send_v2_in_batches), again while over a bound (up to TRIES times), keeping the
-    first try within the bounds (or, if none is, the one with the least handler time): every figure reported comes
-    from one real try."""
-    goods, answer, grpc_answer, cost = send(live, path, kind, good_body)
+             send: Callable[[Watched, str, Any, bytes], dict[str, Sent]] = send_in_batches) -> dict[str, Sent]:
+    """`send` (send_in_batches, or send_v2_in_batches), again while a model is over a bound (up to TRIES times),
+    keeping for each model its first try within the bounds (or, if none is, the one with the least handler time):
+    every figure reported comes from one real try."""
+    sent = send(live, path, kind, good_body)
     for attempt in range(2, TRIES + 1):
-        if cost.within_bounds():
+        over = [model for model, first in sent.items() if not first.cost.within_bounds()]
+        if not over:
             break
         time.sleep(RETRY_PAUSE_S)  # let a burst of other work on the shared cores pass
-        _, _, _, again = send(live, path, kind, good_body)
-        if again.within_bounds() or again.handler_ms < cost.handler_ms:
-            cost = dataclasses.replace(again, tries=attempt)
-    return goods, answer, grpc_answer, cost
+        again = send(live, path, kind, good_body)
+        for model in over:
+            cost = again[model].cost
+            if cost.within_bounds() or cost.handler_ms < sent[model].cost.handler_ms:
+                sent[model] = dataclasses.replace(sent[model], cost=dataclasses.replace(cost, tries=attempt))
+    return sent
 
 
 # --- the matrix ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", ["direct", "router"])
 @pytest.mark.parametrize("kind", KINDS, ids=[kind.name for kind in KINDS])
-def test_each_kind_is_answered_alone_within_its_cost_bound(watched: Watched, good: tuple[bytes, int], path: str,
+def test_each_kind_is_answered_alone_within_its_cost_bound(watched: Watched, good: Good, path: str,
                                                            kind: Kind) -> None:
-    good_body, label = good
-    goods, answer, grpc_answer, cost = measured(watched, path, kind, good_body)
-    for reply in goods:
-        assert reply.status == 200 and json.loads(reply.text)["label"] == label
-    where = f"{kind.name} via {path}"
+    for model, sent in measured(watched, path, kind, good.body).items():
+        check_answers(model, path, kind, sent, good.labels[model])
+
+
+def check_answers(model: str, path: str, kind: Kind, sent: Sent, label: int) -> None:
+    """One model's answers to a kind and its good neighbours, and the kind's cost: as the module says."""
+    answer, grpc_answer, cost = sent.answer, sent.grpc_answer, sent.cost
+    where = f"{kind.name} to {model} via {path}"
+    for reply in sent.goods:
+        assert reply.status == 200 and json.loads(reply.text)["label"] == label, f"{where}: a good request: {reply}"
     if kind.valid:
         assert answer.status == 200 and 0 <= json.loads(answer.text)["label"] < 10, f"{where}: {answer}"
         assert grpc_answer.outcome == "ok", f"{where} gRPC: {grpc_answer}"
@@ -439,16 +492,17 @@ def test_each_kind_is_answered_alone_within_its_cost_bound(watched: Watched, goo
         assert grpc_answer.outcome == "in-body 400" or router_refused, f"{where} gRPC: {grpc_answer}"
         for message in (answer.message, grpc_answer.message):
             assert all(word in message.lower() for word in kind.words), f"{where}: {message!r} lacks {kind.words}"
-    RESULTS.append({"kind": kind.name, "path": path, "rest": answer.status, "rest_message": answer.message,
-                    "grpc": grpc_answer.outcome, "grpc_message": grpc_answer.message, "cost": cost,
-                    "bytes": len(kind.body)})
+    RESULTS.append({"kind": kind.name, "model": model, "path": path, "rest": answer.status,
+                    "rest_message": answer.message, "grpc": grpc_answer.outcome, "grpc_message": grpc_answer.message,
+                    "cost": cost, "bytes": len(kind.body)})
     assert cost.handler_ms <= HANDLER_TIME_BOUND_MS, f"{where}: handler time {cost}"
     assert cost.peak_mb <= MEMORY_BOUND_MB and cost.kept_mb <= MEMORY_BOUND_MB, f"{where}: worker memory {cost}"
 
 
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("path", ["direct", "router"])
-def test_grpc_with_the_wrong_input_key_is_refused(watched: Watched, path: str) -> None:
-    answer = grpc_call(watched.stack, path, encode_image(Image.new("L", (28, 28))), key="image_bytes")
+def test_grpc_with_the_wrong_input_key_is_refused(watched: Watched, path: str, model: str) -> None:
+    answer = grpc_call(watched.stack, path, model, encode_image(Image.new("L", (28, 28))), key="image_bytes")
     assert answer.outcome == "in-body 400" and "'data'" in answer.message
 
 
@@ -470,12 +524,13 @@ def test_a_refused_request_is_not_retried_by_the_router(watched: Watched) -> Non
     assert live.metric("router_upstream_failures_total", experiment="failover") == failures_before
 
 
-def test_the_open_inference_endpoint_refuses_a_long_shape_within_the_bound(watched: Watched, good: tuple[bytes, int],
-                                                                         test_images: Any) -> None:
+@pytest.mark.parametrize("model", MODELS)
+def test_the_open_inference_endpoint_refuses_a_long_shape_within_the_bound(watched: Watched, good: Good,
+                                                                         test_images: Any, model: str) -> None:
     """The same CPU-time bomb on TorchServe's own KServe v2 endpoint, beside a well-formed v2 request."""
     live = watched.stack.torchserve
     images, _ = test_images
-    url = f"{live.inference_url}/v2/models/{MODEL}/infer"
+    url = f"{live.inference_url}/v2/models/{model}/infer"
     headers = {**live.headers(), "Content-Type": "application/json"}
     valid = json.dumps({"id": "ok-1", **v2([1, 28, 28], images[5].flatten().tolist(), "UINT8")}).encode()
     bomb_body, factors = long_shape_body(6_300_000)
@@ -485,8 +540,8 @@ def test_the_open_inference_endpoint_refuses_a_long_shape_within_the_bound(watch
                                      [bomb_body, valid])
     assert refused.status_code == 400 and "more than the 4096 accepted" in refused.json()["error"]["message"]
     outputs = {output["name"]: output["data"] for output in answered.json()["outputs"]}
-    assert answered.status_code == 200 and answered.json()["id"] == "ok-1" and outputs["label"] == [good[1]]
-    batches = log.wait_for(MODEL, 2)
+    assert answered.status_code == 200 and answered.json()["id"] == "ok-1" and outputs["label"] == [good.labels[model]]
+    batches = log.wait_for(model, 2)
     assert max(batch.metrics["HandlerTime"] for batch in batches) <= HANDLER_TIME_BOUND_MS, (factors, batches)
 
 
@@ -498,7 +553,8 @@ V2_INFER_RPC = "/inference.GRPCInferenceService/ModelInfer"
 @dataclass(frozen=True)
 class V2Kind:
     """A bad v2 request as a REST body (JSON, or JSON and Triton's binary tensors after `header_length` bytes) and
-    as a serialized gRPC ModelInferRequest; `router_refuses`: the router's codec refuses it before TorchServe."""
+    as a serialized gRPC ModelInferRequest without its model name (v2_grpc adds it); `router_refuses`: the router's
+    codec refuses it before TorchServe."""
 
     name: str
     rest_body: bytes
@@ -543,7 +599,7 @@ def v2_kind(name: str, datatype: str, shape: list[int], raw: bytes | None, words
     else:
         header = v2_input(datatype, shape, outputs, parameters={"binary_data_size": len(raw)})
         rest_body, header_length = header + raw, len(header)
-    message = oip.ModelInferRequest(model_name=MODEL, inputs=[oip.ModelInferRequest.InferInputTensor(
+    message = oip.ModelInferRequest(inputs=[oip.ModelInferRequest.InferInputTensor(
         name="images", datatype=datatype, shape=shape)], outputs=[
         oip.ModelInferRequest.InferRequestedOutputTensor(name=output) for output in outputs],
         raw_input_contents=[] if raw is None else [raw])
@@ -566,66 +622,74 @@ V2_KINDS = [
 ]
 
 
-def v2_rest(live: Stack, body: bytes, header_length: int | None) -> V2RestAnswer:
+def v2_rest(live: Stack, model: str, body: bytes, header_length: int | None) -> V2RestAnswer:
     headers = {"Authorization": f"Bearer {live.client_token}", "Content-Type": "application/json"}
     if header_length is not None:
         headers.update({"Inference-Header-Content-Length": str(header_length),
                         "Content-Type": "application/octet-stream"})
-    response = requests.post(f"{live.url}/v2/models/{MODEL}/infer", data=body, headers=headers, timeout=60)
+    response = requests.post(f"{live.url}/v2/models/{model}/infer", data=body, headers=headers, timeout=60)
     return V2RestAnswer(response.status_code, response.text, "X-Request-Id" in response.headers)
 
 
-def v2_grpc(live: Stack, request: bytes) -> V2GrpcAnswer:
+def v2_grpc(live: Stack, model: str, request: bytes) -> V2GrpcAnswer:
+    """`request` (a serialized ModelInferRequest) to `model`, through the router."""
+    message = oip.ModelInferRequest.FromString(request)
+    message.model_name = model
     with grpc.insecure_channel(live.grpc_target) as channel:
-        call = channel.unary_unary(V2_INFER_RPC)  # bytes in, bytes out: the request as serialized above
+        call = channel.unary_unary(V2_INFER_RPC)  # bytes in, bytes out: the request as serialized here
         try:
-            call(request, metadata=(("authorization", f"Bearer {live.client_token}"),), timeout=60)
+            call(message.SerializeToString(), metadata=(("authorization", f"Bearer {live.client_token}"),), timeout=60)
         except grpc.RpcError as error:
             routed = any(key == "x-request-id" for key, _ in error.trailing_metadata() or ())
             return V2GrpcAnswer(error.code().name, error.details() or "", routed)
     return V2GrpcAnswer("ok", "", True)
 
 
-def send_v2_in_batches(live: Watched, path: str, kind: V2Kind, good_body: bytes) -> Sent:
-    """As send_in_batches, through the router's v2 endpoints: the kind over REST between two good TorchServe-protocol
-    requests, then over gRPC beside a good v2 request; each group concurrently, into one 300 ms batch window."""
-    log = TorchServeLog(live.stack.torchserve)
-    before = resident_mb(live.worker)
-    reset_peak(live.worker)
-    with ThreadPoolExecutor(3) as pool:
-        before_future = pool.submit(rest, live.stack, path, good_body, "image/png")
-        kind_future = pool.submit(v2_rest, live.stack, kind.rest_body, kind.header_length)
-        after_future = pool.submit(rest, live.stack, path, good_body, "image/png")
-        good_before, answer, good_after = before_future.result(), kind_future.result(), after_future.result()
-        grpc_future = pool.submit(v2_grpc, live.stack, kind.grpc_request)
-        beside_future = pool.submit(v2_rest, live.stack, good_v2(good_body), None)
-        grpc_answer, good_beside = grpc_future.result(), beside_future.result()
-    batches = log.wait_for(MODEL, 3 + answer.routed + grpc_answer.routed)
-    cost = Cost(max(batch.metrics["HandlerTime"] for batch in batches),
-                max(batch.metrics["HandlerCPUTime"] for batch in batches),
-                peak_mb(live.worker) - before, resident_mb(live.worker) - before)
-    return [good_before, good_after, good_beside], answer, grpc_answer, cost
+def send_v2_in_batches(live: Watched, path: str, kind: V2Kind, good_body: bytes) -> dict[str, Sent]:
+    """As send_in_batches, through the router's v2 endpoints, to each model at once: the kind over REST between two
+    good TorchServe-protocol requests, then over gRPC beside a good v2 request; each group concurrently, into one
+    300 ms batch window per model."""
+    log, before = start_measuring(live)
+    with ThreadPoolExecutor(3 * len(MODELS)) as pool:
+        first = {model: (pool.submit(rest, live.stack, path, model, good_body, "image/png"),
+                         pool.submit(v2_rest, live.stack, model, kind.rest_body, kind.header_length),
+                         pool.submit(rest, live.stack, path, model, good_body, "image/png")) for model in MODELS}
+        rests = {model: (a.result(), kind_future.result(), b.result()) for model, (a, kind_future, b) in first.items()}
+        second = {model: (pool.submit(v2_grpc, live.stack, model, kind.grpc_request),
+                          pool.submit(v2_rest, live.stack, model, good_v2(good_body), None)) for model in MODELS}
+        grpcs = {model: (kind_future.result(), beside.result()) for model, (kind_future, beside) in second.items()}
+    sent = {}
+    for model in MODELS:
+        (good_before, answer, good_after), (grpc_answer, good_beside) = rests[model], grpcs[model]
+        answered = 3 + answer.routed + grpc_answer.routed
+        sent[model] = Sent([good_before, good_after, good_beside], answer, grpc_answer,
+                           cost_of(live, log, model, answered, before[model]))
+    return sent
 
 
 @pytest.mark.parametrize("kind", V2_KINDS, ids=[kind.name for kind in V2_KINDS])
-def test_each_open_inference_kind_is_answered_alone_within_its_cost_bound(watched: Watched, good: tuple[bytes, int],
+def test_each_open_inference_kind_is_answered_alone_within_its_cost_bound(watched: Watched, good: Good,
                                                                           kind: V2Kind) -> None:
-    good_body, label = good
-    goods, answer, grpc_answer, cost = measured(watched, "router", kind, good_body, send=send_v2_in_batches)
+    for model, sent in measured(watched, "router", kind, good.body, send=send_v2_in_batches).items():
+        check_v2_answers(model, kind, sent, good.labels[model])
+
+
+def check_v2_answers(model: str, kind: V2Kind, sent: Sent, label: int) -> None:
+    goods, answer, grpc_answer, cost = sent.goods, sent.answer, sent.grpc_answer, sent.cost
+    where = f"{kind.name} to {model} via the router"
     for reply in goods[:2]:
-        assert reply.status == 200 and json.loads(reply.text)["label"] == label
+        assert reply.status == 200 and json.loads(reply.text)["label"] == label, f"{where}: a good request: {reply}"
     outputs = {output["name"]: output["data"] for output in json.loads(goods[2].text)["outputs"]}
-    assert goods[2].status == 200 and outputs["label"] == [label]
-    where = f"{kind.name} via the router"
+    assert goods[2].status == 200 and outputs["label"] == [label], f"{where}: the good v2 request: {goods[2]}"
     assert answer.status == 400 and grpc_answer.outcome == "INVALID_ARGUMENT", f"{where}: {answer} {grpc_answer}"
     for message, words in ((answer.message, kind.words), (grpc_answer.message, kind.grpc_words or kind.words)):
         assert all(word in message.lower() for word in words), f"{where}: {message!r} lacks {words}"
     # refused by the router's codec before TorchServe, or (an image rule) by the handler, its 400 passed on
     assert isinstance(answer, V2RestAnswer) and isinstance(grpc_answer, V2GrpcAnswer)
     assert answer.routed == grpc_answer.routed == (not kind.router_refuses), where
-    RESULTS.append({"kind": kind.name, "path": "router", "rest": answer.status, "rest_message": answer.message,
-                    "grpc": grpc_answer.outcome, "grpc_message": grpc_answer.message, "cost": cost,
-                    "bytes": len(kind.rest_body)})
+    RESULTS.append({"kind": kind.name, "model": model, "path": "router", "rest": answer.status,
+                    "rest_message": answer.message, "grpc": grpc_answer.outcome, "grpc_message": grpc_answer.message,
+                    "cost": cost, "bytes": len(kind.rest_body)})
     assert cost.handler_ms <= HANDLER_TIME_BOUND_MS, f"{where}: handler time {cost}"
     assert cost.peak_mb <= MEMORY_BOUND_MB and cost.kept_mb <= MEMORY_BOUND_MB, f"{where}: worker memory {cost}"
 
@@ -634,17 +698,18 @@ def matrix_table(workers: int) -> str:
     worst = max((row["cost"] for row in RESULTS), key=lambda cost: cost.handler_ms, default=None)
     lines = [f"{len(KINDS)} kinds ({sum(kind.valid for kind in KINDS)} of them valid worst-case images) × (REST, "
              f"gRPC) × (direct, router), and {len(V2_KINDS)} Open Inference Protocol kinds (v2 REST, v2 gRPC) through "
-             f"the router, each inside a batch of good requests (which were all answered correctly). "
+             f"the router, each to {' and '.join(MODELS)} (PyTorch, and ONNX Runtime through the same handler), "
+             f"each inside a batch of good requests (which were all answered correctly). "
              f"Worker restarts: 0 ({workers} workers watched).", "",
              f"Cost per kind, on the worker that served it (the worst of the batches holding it, each with the kind "
              f"once; least of up to {TRIES} tries): TorchServe's HandlerTime (bound {HANDLER_TIME_BOUND_MS:g} ms), "
              f"the handler's CPU time for the same batch, and the worker's peak and kept memory growth (bound "
              f"{MEMORY_BOUND_MB:g} MB)." + (f" Worst handler time: {worst.handler_ms:.1f} ms." if worst else ""), "",
-             "| kind | bytes | path | REST | REST message | gRPC | gRPC message | handler ms | CPU ms | peak MB | "
-             "kept MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in sorted(RESULTS, key=lambda r: (r["kind"], r["path"])):
+             "| kind | bytes | model | path | REST | REST message | gRPC | gRPC message | handler ms | CPU ms | "
+             "peak MB | kept MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in sorted(RESULTS, key=lambda r: (r["kind"], r["path"], r["model"])):
         cost = row["cost"]
-        cells = [row["kind"], f"{row['bytes']:,}", row["path"], str(row["rest"]),
+        cells = [row["kind"], f"{row['bytes']:,}", row["model"], row["path"], str(row["rest"]),
                  row["rest_message"][:110] or "(empty)", row["grpc"], row["grpc_message"][:110] or "(no details)",
                  f"{cost.handler_ms:.1f}" + (f" ({cost.tries} tries)" if cost.tries > 1 else ""),
                  f"{cost.cpu_ms:.1f}", f"{cost.peak_mb:.1f}", f"{cost.kept_mb:.1f}"]
