@@ -58,6 +58,17 @@ class Guardrail:
 
 
 @dataclass(frozen=True)
+class Decision:
+    """How the report decides about each candidate (router.verdict): the error rate its claims keep, read as often
+    as anyone likes (`alpha`, for all candidates together), and the accuracy difference worth detecting
+    (`min_difference`, a fraction: 0.005 is half a point) with probability `power`."""
+
+    alpha: float = 0.05
+    power: float = 0.8
+    min_difference: float = 0.005
+
+
+@dataclass(frozen=True)
 class Experiment:
     name: str  # the public model name clients call: /predictions/<name>
     arms: tuple[Arm, ...]
@@ -65,6 +76,7 @@ class Experiment:
     salt: str
     shadow: Shadow | None = None
     guardrail: Guardrail | None = None
+    decision: Decision = Decision()
 
     def arm(self, name: str) -> Arm:
         for arm in self.arms:
@@ -244,7 +256,7 @@ def _target(where: str, spec: Any, extra: Collection[str] = ()) -> Target:
 
 def _experiment(name: str, spec: Any) -> Experiment:
     where = f"experiments.{name}"
-    spec = _check_keys(where, spec, {"arms", "control", "salt", "shadow", "guardrail"}, {"arms"})
+    spec = _check_keys(where, spec, {"arms", "control", "salt", "shadow", "guardrail", "decision"}, {"arms"})
     arms_spec = spec["arms"]
     if not isinstance(arms_spec, dict) or not arms_spec:
         raise ConfigError(f"{where}.arms: needs a mapping of at least one arm")
@@ -280,7 +292,19 @@ def _experiment(name: str, spec: Any) -> Experiment:
     salt = spec.get("salt", name)
     if not isinstance(salt, str) or not salt:
         raise ConfigError(f"{where}.salt: must be a non-empty string")
-    return Experiment(_name(where, name), tuple(arms), control, salt, shadow, guardrail)
+    return Experiment(_name(where, name), tuple(arms), control, salt, shadow, guardrail,
+                      _decision(f"{where}.decision", spec.get("decision") or {}))
+
+
+def _decision(where: str, spec: Any) -> Decision:
+    spec = _check_keys(where, spec, {"alpha", "power", "min_difference"})
+    return Decision(
+        alpha=_number(f"{where}.alpha", spec.get("alpha", Decision.alpha), maximum=0.5),
+        # Above ½: at ½ or below the power's normal quantile is ≤ 0, and "labels needed" would name counts at
+        # which the test more likely misses X than finds it (at a small enough power, no labels at all).
+        power=_number(f"{where}.power", spec.get("power", Decision.power), minimum=0.5, maximum=0.999),
+        min_difference=_number(f"{where}.min_difference", spec.get("min_difference", Decision.min_difference),
+                               maximum=1.0))
 
 
 def _section(document: dict[str, Any], key: str, cls: type, fields: dict[str, type]) -> Any:

@@ -5,6 +5,7 @@ TorchServe's shape ({"error": {"code", "type", "message"}}), on the protocol's p
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from router import dashboard
 from router.core import Router
 from router.errors import BadRequest, Forbidden, Overloaded, RouterError, Unauthenticated, json_object, quoted
 from router.open_inference import error_body as open_inference_error
@@ -52,7 +54,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         message = error.text or error.reason
         if error.status in (404, 405):  # TorchServe's management API, for one, is deliberately not here
             message = (f"no endpoint {request.method} {request.path} on the router (it serves /predictions/*, "
-                       "/v2/*, /ping, /healthz, /readyz, /metrics, /feedback and /admin/*)")
+                       "/v2/*, /ping, /healthz, /readyz, /metrics, /feedback, /admin/* and /dashboard)")
         body: dict[str, Any] = {"error": {"code": error.status, "type": error.reason, "message": message}}
         if _open_inference(request.path):
             body = {"error": message}
@@ -104,6 +106,9 @@ class RestFrontEnd:
             web.delete("/admin/experiments/{name}/override", self.clear_override),
             web.post("/admin/reload", self.reload),
             web.get("/admin/report/{name}", self.report),
+            web.get("/admin/series/{name}", self.series),
+            web.get("/dashboard", dashboard.page),
+            web.get("/dashboard/{asset}", dashboard.asset),
             *OpenInferenceRest(OpenInferenceService(self.router), self._client).routes(),
         ])
         return app
@@ -188,11 +193,27 @@ class RestFrontEnd:
         self._admin(request)
         since = 0.0
         if "since_s" in request.query:
-            try:
-                since = time.time() - float(request.query["since_s"])
-            except ValueError:
-                raise BadRequest("since_s must be a number of seconds") from None
-        return web.json_response(await self.router.evaluation.report(request.match_info["name"], since))
+            since_s = _seconds(request, "since_s", 0.0)
+            if not (math.isfinite(since_s) and since_s >= 0):  # nan or inf would make a report no JSON can carry
+                raise BadRequest(f"since_s must be a finite number of seconds >= 0, got {since_s:g}")
+            since = time.time() - since_s
+        return web.json_response(await self.router.evaluation.report(request.match_info["name"], since,
+                                                                     _seconds(request, "max_age_s", 0.0)))
+
+    async def series(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        return web.json_response(await self.router.evaluation.series(
+            request.match_info["name"], _seconds(request, "window_s", 300.0), _seconds(request, "step_s", 10.0)))
+
+
+def _seconds(request: web.Request, key: str, default: float) -> float:
+    """A query parameter that is a number of seconds (its range is checked where it is used)."""
+    if key not in request.query:
+        return default
+    try:
+        return float(request.query[key])
+    except ValueError:
+        raise BadRequest(f"{key} must be a number of seconds, got {quoted(request.query[key])}") from None
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:

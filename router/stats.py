@@ -1,12 +1,19 @@
-"""The statistics of a verdict: percentiles, Wilson intervals for accuracy, a two-proportion z-test."""
+"""The fixed-sample statistics of a report: percentiles, Wilson intervals for accuracy and bootstrap intervals of
+latency percentile differences. What decides about a candidate read continuously is in router.sequential (the
+classical z-test it replaced claims differences that are not there when read continuously: tests/test_sequential.py
+measures how often)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+import numpy as np
 
 Z_95 = 1.959963984540054
+# The bootstrap's bounds: resamples per interval, and the fewest answers per arm worth an interval of a p99.
+BOOTSTRAP_RESAMPLES = 1000
+MIN_BOOTSTRAP_SAMPLES = 20
 
 
 def rank_positions(count: int, q: float) -> tuple[int, int, float]:
@@ -38,28 +45,26 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-@dataclass(frozen=True)
-class ProportionTest:
-    difference: float  # candidate minus control
-    z: float
-    p_value: float  # two-sided
-
-    @property
-    def significant(self) -> bool:
-        return self.p_value < 0.05
-
-
-def two_proportion_test(control_successes: int, control_trials: int, candidate_successes: int,
-                        candidate_trials: int) -> ProportionTest | None:
-    """Pooled two-proportion z-test of candidate vs control; None when either arm has no trials."""
-    if control_trials == 0 or candidate_trials == 0:
+def bootstrap_percentile_differences(control: Sequence[float], candidate: Sequence[float],
+                                     percentiles: Sequence[float] = (50, 99), level: float = 0.95,
+                                     resamples: int = BOOTSTRAP_RESAMPLES,
+                                     seed: int = 0) -> dict[float, tuple[float, float, float]] | None:
+    """Candidate minus control at each percentile (0-100), with a percentile-bootstrap interval at `level`: each
+    arm resampled with replacement on its own, `resamples` times, from a fixed seed (the same samples give the
+    same interval). None when either arm has fewer than MIN_BOOTSTRAP_SAMPLES values. The cost is
+    resamples × (len(control) + len(candidate)) values: callers cap the samples (router.report.LATENCY_SAMPLE)."""
+    if min(len(control), len(candidate)) < MIN_BOOTSTRAP_SAMPLES:
         return None
-    p_control = control_successes / control_trials
-    p_candidate = candidate_successes / candidate_trials
-    pooled = (control_successes + candidate_successes) / (control_trials + candidate_trials)
-    variance = pooled * (1 - pooled) * (1 / control_trials + 1 / candidate_trials)
-    difference = p_candidate - p_control
-    if variance == 0:  # both arms all right or all wrong: no evidence of a difference
-        return ProportionTest(difference, 0.0, 1.0)
-    z = difference / math.sqrt(variance)
-    return ProportionTest(difference, z, math.erfc(abs(z) / math.sqrt(2)))
+    rng = np.random.default_rng(seed)
+    qs = np.asarray(percentiles, dtype=np.float64)
+    resampled = []
+    for values in (np.asarray(control, dtype=np.float64), np.asarray(candidate, dtype=np.float64)):
+        draws = values[rng.integers(0, len(values), size=(resamples, len(values)))]
+        resampled.append(np.percentile(draws, qs, axis=1))  # (percentiles, resamples)
+    differences = resampled[1] - resampled[0]
+    tail = (1 - level) / 2 * 100
+    lows, highs = np.percentile(differences, [tail, 100 - tail], axis=1)
+    observed = np.percentile(np.asarray(candidate, dtype=np.float64), qs) - np.percentile(
+        np.asarray(control, dtype=np.float64), qs)
+    return {float(q): (float(d), float(low), float(high)) for q, d, low, high in zip(qs, observed, lows, highs,
+                                                                                     strict=True)}

@@ -49,6 +49,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -159,6 +160,8 @@ class ArmSummary:
     correct: int
     targets: tuple[str, ...]
     latency_ms: dict[float, float | None]  # percentile (0-100) -> value by linear interpolation; None: no sample
+    # Up to the `sample` asked for of the same latencies, chosen by request id (see `Backend.summarize`).
+    latency_sample_ms: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,18 @@ class LogSummary:
     arms: dict[str, ArmSummary]
     shadow: tuple[ShadowSummary, ...]
     events: tuple[EventRow, ...]
+
+
+@dataclass(frozen=True)
+class SeriesPoint:
+    """One arm over one interval of a time series (`Backend.series`): its attempts, counted as in `ArmSummary`,
+    and the latency percentiles of its answers that were no client error."""
+
+    arm: str
+    bucket: int  # the interval's index: it starts at since + bucket × step_s
+    requests: int
+    errors: int
+    latency_ms: dict[float, float | None]
 
 
 @dataclass
@@ -247,8 +262,17 @@ class Backend(Protocol):
     def overrides(self, digest: str) -> dict[str, Override]:
         """Every override made against the experiment file whose sha256 is `digest`."""
 
-    def summarize(self, experiment: str, since: float, percentiles: tuple[float, ...]) -> LogSummary:
-        """One experiment's log since `since`, aggregated in SQL, from one snapshot."""
+    def summarize(self, experiment: str, since: float, percentiles: tuple[float, ...], sample: int = 0,
+                  events: int | None = None) -> LogSummary:
+        """One experiment's log since `since`, aggregated in SQL, from one snapshot; with up to `sample`
+        latencies per arm (`ArmSummary.latency_sample_ms`): those of the answers whose request ids sort first
+        from their 13th character on (after the 12 hex digits of time: the random part), then by the whole id,
+        read below the arm's `sample_cut` (only about `sample` rows are sorted); and the latest `events` events
+        (None: all), in time order. A sample spread over the whole period, the same for the same rows."""
+
+    def series(self, experiment: str, since: float, step_s: float, percentiles: tuple[float, ...]) -> list[SeriesPoint]:
+        """One experiment's log since `since` in intervals of `step_s` seconds: each arm's attempts, failures and
+        latency percentiles per interval that has any (a dashboard's time series)."""
 
     def close(self) -> None:
         """Close every connection (the writer thread has stopped)."""
@@ -412,11 +436,18 @@ class Store:
         `StoreError` while the database is unreachable."""
         return self.backend.overrides(digest)
 
-    async def summary(self, experiment: str, since: float, percentiles: Iterable[float]) -> LogSummary:
+    async def summary(self, experiment: str, since: float, percentiles: Iterable[float], sample: int = 0,
+                      events: int | None = None) -> LogSummary:
         """`Backend.summarize` after committing everything queued, read on a worker thread (the loop keeps
         serving)."""
         await self.flush()
-        return await asyncio.to_thread(self.backend.summarize, experiment, since, tuple(percentiles))
+        return await asyncio.to_thread(self.backend.summarize, experiment, since, tuple(percentiles), sample, events)
+
+    async def series(self, experiment: str, since: float, step_s: float,
+                     percentiles: Iterable[float]) -> list[SeriesPoint]:
+        """`Backend.series` after committing everything queued, read on a worker thread."""
+        await self.flush()
+        return await asyncio.to_thread(self.backend.series, experiment, since, step_s, tuple(percentiles))
 
     # --- the queue -----------------------------------------------------------------------------------------------
     @property
@@ -697,15 +728,57 @@ def tally_arms(groups: Iterable[Row]) -> dict[str, Tally]:
     return dict(tallies)
 
 
+# The latency sample's key: the request id from its 13th character (after 12 hex digits of time, the random part).
+# The cut compares the key's first SAMPLE_CUT_DIGITS hex digits (32 random bits).
+SAMPLE_KEY_FROM = 13
+SAMPLE_CUT_DIGITS = 8
+
+
+def sample_cut(answered: int, sample: int) -> str | None:
+    """The bound an arm's sample keys are read below (their first SAMPLE_CUT_DIGITS hex digits, compared
+    bytewise), so that the database sorts about sample + 8√sample of the arm's `answered` rows for its sample,
+    not all of them: random digits put each row below it with probability (sample + 8√sample)/answered. Fewer
+    than `sample` rows fall below it only more than 7 standard deviations below that mean (for a sample of 1,000
+    or more); the sample is then all of them. None: the arm has so few rows that all are read. (Ids that are not
+    the router's, without hex digits there, sort below any bound: all of them are read.)"""
+    wanted = sample + 8 * math.sqrt(sample)
+    if sample <= 0 or wanted >= answered:
+        return None
+    largest = 16**SAMPLE_CUT_DIGITS - 1  # the bound keeps SAMPLE_CUT_DIGITS digits, or it would compare wrongly
+    return f"{min(math.ceil(wanted / answered * 16**SAMPLE_CUT_DIGITS), largest):0{SAMPLE_CUT_DIGITS}x}"
+
+
 def log_summary(tallies: dict[str, Tally], latencies: dict[str, dict[float, float | None]],
-                shadow: Iterable[Row], events: Iterable[Row], percentiles: tuple[float, ...]) -> LogSummary:
+                shadow: Iterable[Row], events: Iterable[Row], percentiles: tuple[float, ...],
+                samples: Iterable[tuple[str, float]] = ()) -> LogSummary:
     """The summary from a backend's aggregates: tallies, latency percentiles per arm that had samples, shadow
-    (target, compared, agree, errors) per target in order, events (at, kind, detail) in time order."""
+    (target, compared, agree, errors) per target in order, events (at, kind, detail) in time order, and the
+    latency sample as (arm, latency) rows in each arm's sample order."""
+    sampled: dict[str, list[float]] = collections.defaultdict(list)
+    for arm, latency in samples:
+        sampled[arm].append(float(latency))
     arms = {arm: ArmSummary(t.requests, t.errors, t.feedback, t.correct, tuple(sorted(t.targets)),
-                            latencies.get(arm, dict.fromkeys(percentiles))) for arm, t in tallies.items()}
+                            latencies.get(arm, dict.fromkeys(percentiles)), tuple(sampled.get(arm, ())))
+            for arm, t in tallies.items()}
     return LogSummary(arms, tuple(ShadowSummary(target, int(compared), int(agree), int(errors))
                                   for target, compared, agree, errors in shadow),
                       tuple(EventRow(at, kind, detail) for at, kind, detail in events))
+
+
+def series_points(groups: Iterable[Row], latencies: dict[tuple[str, int], dict[float, float | None]],
+                  percentiles: tuple[float, ...]) -> list[SeriesPoint]:
+    """A time series from a backend's counting rows, (arm, retried_from, bucket, requests, errors) per group, with
+    `tally_arms`' rule (a failed attempt retried elsewhere counts against the arm that failed), and the latency
+    percentiles per (arm, bucket); in order of arm, then bucket."""
+    counts: dict[tuple[str, int], list[int]] = collections.defaultdict(lambda: [0, 0])
+    for arm, retried_from, bucket, requests, errors in groups:
+        counts[(arm, int(bucket))][0] += int(requests)
+        counts[(arm, int(bucket))][1] += int(errors)
+        if retried_from:
+            counts[(retried_from, int(bucket))][0] += int(requests)
+            counts[(retried_from, int(bucket))][1] += int(requests)
+    return [SeriesPoint(arm, bucket, requests, errors, latencies.get((arm, bucket), dict.fromkeys(percentiles)))
+            for (arm, bucket), (requests, errors) in sorted(counts.items())]
 
 
 def override_values(experiment: str, weights: dict[str, float], reason: str, digest: str) -> Row:

@@ -32,17 +32,22 @@ from psycopg import IsolationLevel
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from router.store import (
+    SAMPLE_CUT_DIGITS,
+    SAMPLE_KEY_FROM,
     Feedback,
     Job,
     LogSummary,
     Outcome,
     Override,
     Row,
+    SeriesPoint,
     StoreError,
     StoreUnavailable,
     log_summary,
     override_of,
     override_values,
+    sample_cut,
+    series_points,
     tally_arms,
 )
 
@@ -273,9 +278,16 @@ class PostgresBackend:
                         raise StoreUnavailable(f"the request log's database is unreachable: {error}") from error
         return {name: override_of(weights, reason, at) for name, weights, reason, at in rows}
 
-    def summarize(self, experiment: str, since: float, percentiles: tuple[float, ...]) -> LogSummary:
+    def summarize(self, experiment: str, since: float, percentiles: tuple[float, ...], sample: int = 0,
+                  events: int | None = None) -> LogSummary:
         try:
-            return summarize(self.url, experiment, since, percentiles)
+            return summarize(self.url, experiment, since, percentiles, sample, events)
+        except psycopg.OperationalError as error:
+            raise StoreUnavailable(f"the request log's database is unreachable: {error}") from error
+
+    def series(self, experiment: str, since: float, step_s: float, percentiles: tuple[float, ...]) -> list[SeriesPoint]:
+        try:
+            return series(self.url, experiment, since, step_s, percentiles)
         except psycopg.OperationalError as error:
             raise StoreUnavailable(f"the request log's database is unreachable: {error}") from error
 
@@ -291,7 +303,8 @@ class PostgresBackend:
 
 
 # --- the report's queries ----------------------------------------------------------------------------------------
-def summarize(url: str, experiment: str, since: float, percentiles: tuple[float, ...]) -> LogSummary:
+def summarize(url: str, experiment: str, since: float, percentiles: tuple[float, ...], sample: int = 0,
+              events: int | None = None) -> LogSummary:
     """Aggregate one experiment's log since `since` in SQL, on a connection of its own (any thread), in one
     read-only snapshot. Percentiles by `percentile_cont`: linear interpolation between the order statistics
     around each rank, NumPy's default (as `router.stats.percentile` and the SQLite store)."""
@@ -313,10 +326,47 @@ def summarize(url: str, experiment: str, since: float, percentiles: tuple[float,
                     "SELECT arm, percentile_cont(%s::double precision[]) WITHIN GROUP (ORDER BY latency_ms) "
                     "FROM requests WHERE experiment = %s AND at >= %s AND ok AND status < 400 GROUP BY arm",
                     ([q / 100.0 for q in percentiles], experiment, since))}
+            # The sample's order is bytewise ("C"), as SQLite's and Python's: every store picks the same rows. The
+            # window sorts only the rows below each arm's cut (WHERE comes first): about the sample's size.
+            cuts = [(arm, cut) for arm, t in tallies.items() if (cut := sample_cut(t.answered, sample)) is not None]
+            key = f'substr(request_id, {SAMPLE_KEY_FROM}) COLLATE "C"'
+            below = "".join(f" WHEN %s THEN substr(request_id, {SAMPLE_KEY_FROM}, {SAMPLE_CUT_DIGITS}) "
+                            'COLLATE "C" < %s' for _ in cuts)
+            below = f"CASE arm{below} ELSE true END" if cuts else "true"  # a CASE needs a WHEN
+            samples = db.execute(
+                f"SELECT arm, latency_ms FROM (SELECT arm, latency_ms, row_number() OVER (PARTITION BY arm ORDER BY "
+                f'{key}, request_id COLLATE "C") AS k FROM requests WHERE experiment = %s AND at >= %s AND ok '
+                f"AND status < 400 AND {below}) AS sampled WHERE k <= %s ORDER BY arm, k",
+                (experiment, since, *(value for pair in cuts for value in pair), sample),
+            ).fetchall() if sample > 0 else []
             shadow = db.execute(
                 "SELECT target, count(*) FILTER (WHERE outcome = 'ok'), count(*) FILTER (WHERE agree), "
                 "count(*) FILTER (WHERE outcome <> 'ok') FROM shadow WHERE experiment = %s AND at >= %s "
                 'GROUP BY target ORDER BY target COLLATE "C"', (experiment, since)).fetchall()
-            events = db.execute("SELECT at, kind, detail FROM events WHERE experiment = %s AND at >= %s ORDER BY at",
-                                (experiment, since)).fetchall()
-    return log_summary(tallies, latencies, shadow, events, percentiles)
+            latest = db.execute("SELECT at, kind, detail FROM events WHERE experiment = %s AND at >= %s "
+                                "ORDER BY at DESC LIMIT %s", (experiment, since, events)).fetchall()  # NULL: all
+    return log_summary(tallies, latencies, shadow, reversed(latest), percentiles, samples)
+
+
+def series(url: str, experiment: str, since: float, step_s: float,
+           percentiles: tuple[float, ...]) -> list[SeriesPoint]:
+    """`Backend.series` in SQL, one read-only snapshot: counts per arm and interval, percentiles by
+    `percentile_cont` per arm and interval. The interval of a row is computed as SQLite computes it (the
+    quotient truncated), so both stores put a row on a boundary in the same one."""
+    bucket = "trunc((at - %(since)s) / %(step)s)::bigint"
+    where = "experiment = %(experiment)s AND at >= %(since)s"
+    params = {"experiment": experiment, "since": since, "step": step_s, "qs": [q / 100.0 for q in percentiles]}
+    with connect(url) as db:
+        create_schema(db)
+        db.isolation_level = IsolationLevel.REPEATABLE_READ
+        db.read_only = True
+        with db.transaction():
+            groups = db.execute(f"SELECT arm, retried_from, {bucket} AS bucket, count(*), count(*) FILTER "
+                                f"(WHERE NOT ok) FROM requests WHERE {where} GROUP BY arm, retried_from, bucket",
+                                params).fetchall()
+            latencies: dict[tuple[str, int], dict[float, float | None]] = {
+                (arm, int(index)): dict(zip(percentiles, values, strict=True)) for arm, index, values in db.execute(
+                    f"SELECT arm, {bucket} AS bucket, percentile_cont(%(qs)s::double precision[]) WITHIN GROUP "
+                    f"(ORDER BY latency_ms) FROM requests WHERE {where} AND ok AND status < 400 GROUP BY arm, bucket",
+                    params)}
+    return series_points(groups, latencies, percentiles)

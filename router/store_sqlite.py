@@ -11,8 +11,10 @@ Reads (overrides, report summaries) use connections of their own: WAL lets them 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -20,16 +22,21 @@ from pathlib import Path
 
 from router.stats import rank_positions
 from router.store import (
+    SAMPLE_CUT_DIGITS,
+    SAMPLE_KEY_FROM,
     Feedback,
     Job,
     LogSummary,
     Outcome,
     Override,
     Row,
+    SeriesPoint,
     StoreError,
     log_summary,
     override_of,
     override_values,
+    sample_cut,
+    series_points,
     tally_arms,
 )
 
@@ -178,8 +185,12 @@ class SQLiteBackend:
                                         "WHERE config_digest = ?", (digest,)).fetchall()
         return {name: override_of(weights, reason, at) for name, weights, reason, at in rows}
 
-    def summarize(self, experiment: str, since: float, percentiles: tuple[float, ...]) -> LogSummary:
-        return summarize(self.path, experiment, since, percentiles)
+    def summarize(self, experiment: str, since: float, percentiles: tuple[float, ...], sample: int = 0,
+                  events: int | None = None) -> LogSummary:
+        return summarize(self.path, experiment, since, percentiles, sample, events)
+
+    def series(self, experiment: str, since: float, step_s: float, percentiles: tuple[float, ...]) -> list[SeriesPoint]:
+        return series(self.path, experiment, since, step_s, percentiles)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -244,7 +255,14 @@ def _victims(db: sqlite3.Connection, table: str, cutoff: float | None, max_rows:
 
 
 # --- the report's queries ----------------------------------------------------------------------------------------
-def summarize(path: Path, experiment: str, since: float, percentiles: tuple[float, ...]) -> LogSummary:
+# What one arm's answers were: a success that was no client error (a 4xx is the client's doing, not the arm's).
+ANSWERED = "ok = 1 AND status < 400"
+# Parameters in one statement: SQLite's limit is 32766 (3.32+); the order statistics' lists are cut below it.
+MAX_PARAMETERS = 30_000
+
+
+def summarize(path: Path, experiment: str, since: float, percentiles: tuple[float, ...],
+              sample: int = 0, events: int | None = None) -> LogSummary:
     """Aggregate one experiment's log since `since` in SQL, with a connection of its own (any thread).
 
     Percentiles need only the order statistics around their ranks: the arms' counts come first, then one
@@ -259,37 +277,75 @@ def summarize(path: Path, experiment: str, since: float, percentiles: tuple[floa
             "FROM requests r LEFT JOIN feedback f ON f.request_id = r.request_id "
             "WHERE r.experiment = ? AND r.at >= ? GROUP BY r.arm, r.model, r.version, r.retried_from",
             (experiment, since)))
-        latencies = _percentiles(db, experiment, since, {arm: t.answered for arm, t in tallies.items()}, percentiles)
+        by_arm = _percentiles(db, experiment, since, "0", {(arm, 0): t.answered for arm, t in tallies.items()},
+                              percentiles)
+        latencies = {arm: values for (arm, _), values in by_arm.items()}
+        # The window sorts only the rows below each arm's cut (WHERE comes first): about the sample's size.
+        cuts = [(arm, cut) for arm, t in tallies.items() if (cut := sample_cut(t.answered, sample)) is not None]
+        key = f"substr(request_id, {SAMPLE_KEY_FROM})"
+        below = "".join(f" WHEN ? THEN substr(request_id, {SAMPLE_KEY_FROM}, {SAMPLE_CUT_DIGITS}) < ?" for _ in cuts)
+        below = f"CASE arm{below} ELSE 1 END" if cuts else "1"  # a CASE needs a WHEN
+        samples = db.execute(
+            f"SELECT arm, latency_ms FROM (SELECT arm, latency_ms, row_number() OVER (PARTITION BY arm ORDER BY {key}, "
+            f"request_id) AS k FROM requests WHERE experiment = ? AND at >= ? AND {ANSWERED} AND {below}) "
+            "WHERE k <= ? ORDER BY arm, k",
+            (experiment, since, *(value for pair in cuts for value in pair), sample)).fetchall() if sample > 0 else []
         shadow = db.execute("SELECT target, total(outcome = 'ok'), total(coalesce(agree, 0) != 0), "
                             "total(outcome != 'ok') FROM shadow WHERE experiment = ? AND at >= ? "
                             "GROUP BY target ORDER BY target", (experiment, since)).fetchall()
-        events = db.execute("SELECT at, kind, detail FROM events WHERE experiment = ? AND at >= ? ORDER BY at",
+        latest = db.execute("SELECT at, kind, detail FROM events WHERE experiment = ? AND at >= ? ORDER BY at DESC "
+                            "LIMIT ?", (experiment, since, -1 if events is None else events)).fetchall()  # -1: all
+    return log_summary(tallies, latencies, shadow, reversed(latest), percentiles, samples)
+
+
+def series(path: Path, experiment: str, since: float, step_s: float,
+           percentiles: tuple[float, ...]) -> list[SeriesPoint]:
+    """`Backend.series` in SQL: counts per arm and interval, then the order statistics around each interval's
+    ranks, as the report finds them per arm."""
+    if not (math.isfinite(since) and math.isfinite(step_s) and step_s > 0):
+        raise ValueError(f"series: since and step_s must be finite, step_s > 0 (got {since!r}, {step_s!r})")
+    # Numbers, not parameters, in the interval's expression: it appears in a window's PARTITION BY as well.
+    bucket = f"CAST((at - {float(since)!r}) / {float(step_s)!r} AS INTEGER)"
+    with contextlib.closing(connect(path)) as db:
+        db.execute("BEGIN")
+        groups = db.execute(f"SELECT arm, retried_from, {bucket} AS bucket, count(*), total(ok = 0), total({ANSWERED}) "
+                            "FROM requests WHERE experiment = ? AND at >= ? GROUP BY arm, retried_from, bucket",
                             (experiment, since)).fetchall()
-    return log_summary(tallies, latencies, shadow, events, percentiles)
+        answered: dict[tuple[str, int], int] = collections.Counter()
+        for arm, _, index, _, _, good in groups:
+            answered[(arm, int(index))] += int(good)
+        latencies = _percentiles(db, experiment, since, bucket, answered, percentiles)
+    return series_points(((arm, retried, index, requests, errors) for arm, retried, index, requests, errors, _
+                          in groups), latencies, percentiles)
 
 
-def _percentiles(db: sqlite3.Connection, experiment: str, since: float, answered: dict[str, int],
-                 percentiles: tuple[float, ...]) -> dict[str, dict[float, float | None]]:
-    """Each arm's latency percentiles over its successful attempts, by linear interpolation between the two
-    order statistics around each rank (NumPy's default, as `router.stats.percentile`)."""
-    ranks = {arm: {q: rank_positions(n, q) for q in percentiles} for arm, n in answered.items() if n}
-    wanted = sorted({(arm, position) for arm, by_q in ranks.items() for low, high, _ in by_q.values()
+def _percentiles(db: sqlite3.Connection, experiment: str, since: float, bucket: str,
+                 answered: dict[tuple[str, int], int],
+                 percentiles: tuple[float, ...]) -> dict[tuple[str, int], dict[float, float | None]]:
+    """The latency percentiles of each (arm, bucket)'s successful attempts, given how many there are, by linear
+    interpolation between the two order statistics around each rank (NumPy's default, as
+    `router.stats.percentile`). `bucket` is the SQL expression of a row's interval ("0": one per arm)."""
+    ranks = {key: {q: rank_positions(n, q) for q in percentiles} for key, n in answered.items() if n}
+    wanted = sorted({(arm, index, position) for (arm, index), by_q in ranks.items() for low, high, _ in by_q.values()
                      for position in (low, high)})
-    values: dict[tuple[str, int], float] = {}
-    if wanted:
-        rows = ", ".join("(?, ?)" for _ in wanted)
-        for arm, position, latency in db.execute(
-                f"WITH wanted (arm, position) AS (VALUES {rows}) "
-                "SELECT ranked.arm, ranked.position, ranked.latency_ms FROM (SELECT arm, latency_ms, "
-                "row_number() OVER (PARTITION BY arm ORDER BY latency_ms) - 1 AS position FROM requests "
-                "WHERE experiment = ? AND at >= ? AND ok = 1 AND status < 400) AS ranked "
-                "JOIN wanted ON wanted.arm = ranked.arm AND wanted.position = ranked.position",
-                [*(value for pair in wanted for value in pair), experiment, since]):
-            values[(arm, position)] = latency
-    result: dict[str, dict[float, float | None]] = {}
-    for arm, by_q in ranks.items():
-        result[arm] = {}
+    values: dict[tuple[str, int, int], float] = {}
+    chunk = (MAX_PARAMETERS - 2) // 3
+    for start in range(0, len(wanted), chunk):  # one sorted pass per chunk: one for any report
+        part = wanted[start:start + chunk]
+        rows = ", ".join("(?, ?, ?)" for _ in part)
+        for arm, index, position, latency in db.execute(
+                f"WITH wanted (arm, bucket, position) AS (VALUES {rows}) "
+                "SELECT ranked.arm, ranked.bucket, ranked.position, ranked.latency_ms FROM (SELECT arm, "
+                f"{bucket} AS bucket, latency_ms, row_number() OVER (PARTITION BY arm, {bucket} ORDER BY latency_ms) "
+                f"- 1 AS position FROM requests WHERE experiment = ? AND at >= ? AND {ANSWERED}) AS ranked "
+                "JOIN wanted ON wanted.arm = ranked.arm AND wanted.bucket = ranked.bucket "
+                "AND wanted.position = ranked.position",
+                [*(value for triple in part for value in triple), experiment, since]):
+            values[(arm, index, position)] = latency
+    result: dict[tuple[str, int], dict[float, float | None]] = {}
+    for (arm, index), by_q in ranks.items():
+        result[(arm, index)] = {}
         for q, (low, high, fraction) in by_q.items():
-            lower, upper = values[(arm, low)], values[(arm, high)]
-            result[arm][q] = lower + (upper - lower) * fraction
+            lower, upper = values[(arm, index, low)], values[(arm, index, high)]
+            result[(arm, index)][q] = lower + (upper - lower) * fraction
     return result

@@ -2,8 +2,9 @@
 # What `make install` needs outside Python: Java 17 (TorchServe's frontend), Fashion-MNIST, wrk (the load
 # generator `make bench` and the router benchmark use for REST), and PostgreSQL's server binaries (the store
 # several router replicas share: `make cluster` and the tests start a server of their own with them; any major
-# version's /usr/lib/postgresql/*/bin/initdb, or an initdb on the PATH, will do), and kubectl (its kustomize
-# renders the Kubernetes manifests, offline).
+# version's /usr/lib/postgresql/*/bin/initdb, or an initdb on the PATH, will do), kubectl (its kustomize
+# renders the Kubernetes manifests, offline), and Chromium at /usr/bin/chromium (the suite drives it headless
+# through the router's dashboard with Playwright: tests/test_dashboard.py).
 # As root it installs what is missing with apt; otherwise it stops and names the exact command to run.
 set -euo pipefail
 
@@ -35,9 +36,12 @@ fi
 if ! postgres_initdb; then
     missing+=(postgresql)
 fi
+if [[ ! -x /usr/bin/chromium ]]; then
+    missing+=(chromium)
+fi
 
 if [[ ${#missing[@]} -eq 0 ]]; then
-    echo "system: Java $(java_major), Fashion-MNIST ($DATA_DIR), wrk, kubectl and PostgreSQL present"
+    echo "system: Java $(java_major), Fashion-MNIST ($DATA_DIR), wrk, kubectl, PostgreSQL and Chromium present"
     exit 0
 fi
 
@@ -51,6 +55,6 @@ fi
 
 echo "system: missing ${missing[*]}. Run:" >&2
 echo "    sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
-echo "(without apt: install a Java 17 runtime, wrk, kubectl and a PostgreSQL server, and pass --data-dir DIR with the" \
-     "Fashion-MNIST IDX files)" >&2
+echo "(without apt: install a Java 17 runtime, wrk, kubectl, a PostgreSQL server and Chromium at /usr/bin/chromium, and" \
+     "pass --data-dir DIR with the Fashion-MNIST IDX files)" >&2
 exit 1

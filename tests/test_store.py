@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import random
 import sqlite3
 import threading
@@ -24,12 +25,12 @@ import psycopg
 import pytest
 from prometheus_client import generate_latest
 
-from router import store_postgres, store_sqlite
+from router import store_postgres, store_sqlite, verdict
 from router.config import POSTGRESQL, Arm, Experiment, RequestLog, RouterConfig, StoreSettings, Target, parse_config
 from router.errors import ConfigError
 from router.metrics import Metrics
-from router.report import PERCENTILES, build_report, live_report, to_markdown
-from router.stats import two_proportion_test, wilson_interval
+from router.report import EVENTS, LATENCY_SAMPLE, PERCENTILES, build_report, live_report, to_markdown
+from router.stats import wilson_interval
 from router.store import (
     PRUNE_EVERY_S,
     RequestRow,
@@ -40,6 +41,7 @@ from router.store import (
     StoreUnavailable,
     backend_for,
     open_store,
+    sample_cut,
 )
 from tests.postgres import ScratchPostgres
 
@@ -435,7 +437,7 @@ def reference_report(data: RandomLog, experiment: Experiment, since: float) -> d
 
     def arm_stats(name: str) -> dict[str, Any]:
         return arms.setdefault(name, {"requests": 0, "errors": 0, "latencies": [], "feedback": 0, "correct": 0,
-                                      "targets": set()})
+                                      "targets": set(), "sampled": []})
 
     for request_id, at, name, arm, model, version, _, status, ok, latency, predicted, retried_from in data.requests:
         if name != experiment.name or at < since:
@@ -446,6 +448,7 @@ def reference_report(data: RandomLog, experiment: Experiment, since: float) -> d
         stats["targets"].add(f"{model}/{version}" if version else model)
         if ok and status < 400:  # a client's bad request is no latency of the arm's
             stats["latencies"].append(latency)
+            stats["sampled"].append(((request_id[12:], request_id), latency))
         if retried_from:
             arm_stats(retried_from)["requests"] += 1
             arm_stats(retried_from)["errors"] += 1
@@ -454,15 +457,23 @@ def reference_report(data: RandomLog, experiment: Experiment, since: float) -> d
             stats["feedback"] += 1
             stats["correct"] += int(predicted == truth)
     names = [arm.name for arm in experiment.arms] + sorted(set(arms) - {arm.name for arm in experiment.arms})
-    control = arm_stats(experiment.control)
+    # The latency sample: the answers whose ids sort first after their 12th character, then by the whole id.
+    samples = {name: [value for _, value in sorted(arm_stats(name)["sampled"])[:LATENCY_SAMPLE]] for name in names}
+    candidates = [arm.name for arm in experiment.arms if arm.name != experiment.control]
+
+    def evidence(name: str) -> verdict.ArmEvidence:
+        return verdict.ArmEvidence(name, arm_stats(name)["feedback"], arm_stats(name)["correct"],
+                           experiment.weights.get(name, 0.0))
+
+    # The statistics are router.verdict's own (tests/test_sequential.py checks them): this checks their inputs.
+    decided = verdict.decide(evidence(experiment.control), [evidence(name) for name in candidates], experiment.decision)
     report_arms = []
     for name in names:
         stats = arm_stats(name)
-        test = None if name == experiment.control else two_proportion_test(
-            control["correct"], control["feedback"], stats["correct"], stats["feedback"])
         interval = wilson_interval(stats["correct"], stats["feedback"])
         report_arms.append({
-            "arm": name, "control": name == experiment.control, "targets": sorted(stats["targets"]),
+            "arm": name, "control": name == experiment.control, "weight": experiment.weights.get(name),
+            "targets": sorted(stats["targets"]),
             "requests": stats["requests"], "errors": stats["errors"],
             "error_rate": stats["errors"] / stats["requests"] if stats["requests"] else None,
             "latency_ms": {f"p{q}": pytest.approx(float(np.percentile(stats["latencies"], q)), rel=1e-12)
@@ -470,8 +481,9 @@ def reference_report(data: RandomLog, experiment: Experiment, since: float) -> d
             "feedback": stats["feedback"],
             "accuracy": stats["correct"] / stats["feedback"] if stats["feedback"] else None,
             "accuracy_ci95": list(interval) if interval else None,
-            "vs_control": None if test is None else {"difference": test.difference, "z": test.z,
-                                                     "p_value": test.p_value, "significant": test.significant}})
+            "vs_control": decided.get(name),
+            "latency_vs_control": verdict.latency(samples[experiment.control], samples[name])
+            if name in decided else None})
     shadow: dict[str, dict[str, int]] = {}
     for _, at, name, target, outcome, agree, _ in data.shadow:
         if name != experiment.name or at < since:
@@ -479,12 +491,13 @@ def reference_report(data: RandomLog, experiment: Experiment, since: float) -> d
         counts = shadow.setdefault(target, {"compared": 0, "agree": 0, "errors": 0})
         counts["compared" if outcome == "ok" else "errors"] += 1
         counts["agree"] += int(bool(agree))
-    return {"experiment": experiment.name, "control": experiment.control, "since": since, "arms": report_arms,
+    return {"experiment": experiment.name, "control": experiment.control, "since": since,
+            "decision": verdict.method(experiment.decision, len(candidates)), "arms": report_arms,
             "shadow": [{"target": target, **counts,
                         "agreement": counts["agree"] / counts["compared"] if counts["compared"] else None}
                        for target, counts in sorted(shadow.items())],
             "events": [{"at": at, "kind": kind, "detail": detail} for at, name, kind, detail in data.events
-                       if name == experiment.name and at >= since],
+                       if name == experiment.name and at >= since][-EVENTS:],
             "rolled_back": False}  # no override in the random log
 
 
@@ -504,6 +517,45 @@ def test_the_sql_report_equals_a_python_reference_on_random_logs(log: Log, seed:
         assert {"ghost", "legacy"} <= set(arms)
     assert arms["idle"]["requests"] == 0 and arms["idle"]["latency_ms"] == {"p50": None, "p95": None, "p99": None}
     assert arms["a"]["vs_control"] is None
+
+
+def test_the_latency_sample_reads_below_a_cut_and_equals_the_first_ids_of_a_full_sort(log: Log) -> None:
+    """With the router's ids (12 hex digits of time, then 20 random ones): each arm's sample is the answers
+    whose random part sorts first, as a sort of all of them gives; the rows below the arm's cut, the only ones
+    the database sorts, number about the sample's size (sample + 8√sample expected), not the arm's thousands."""
+    rng = random.Random(5)
+    start, sample = 1_700_000_000.0, 100
+    rows = [(f"{int((start + i * 0.01) * 1000):012x}{rng.getrandbits(80):020x}", start + i * 0.01, "exp",
+             "c" if i % 100 == 0 else "a" if i % 3 else "b", "model-a", None, "rest", 200, True, float(i), None, None)
+            for i in range(6000)]
+    log.open().close()  # the schema
+    log.insert(rows)
+    backend = backend_for(log.config)
+    try:
+        summary = backend.summarize("exp", 0.0, PERCENTILES, sample)
+    finally:
+        backend.close()
+    for arm in ("a", "b"):
+        keyed = sorted((row[0][12:], row[0], row[9]) for row in rows if row[3] == arm)
+        assert summary.arms[arm].latency_sample_ms == tuple(latency for _, _, latency in keyed[:sample])
+        cut = sample_cut(len(keyed), sample)
+        assert cut is not None and len(cut) == 8
+        below = sum(key[:8] < cut for key, _, _ in keyed)
+        assert sample <= below <= sample + 16 * math.sqrt(sample), below
+    # Arm c has 60 answers: no cut, all of them, in key order (beside the arms that have one).
+    assert summary.arms["c"].latency_sample_ms == tuple(latency for _, _, latency in sorted(
+        (row[0][12:], row[0], row[9]) for row in rows if row[3] == "c"))
+    assert sample_cut(60, sample) is None and sample_cut(10**6, 0) is None  # few rows, or no sample: read all
+
+
+def test_a_report_lists_the_latest_events_only(log: Log) -> None:
+    """Events pile up over an experiment's life; a report (and the dashboard every few seconds) lists the
+    latest EVENTS of this experiment, oldest first."""
+    log.open().close()
+    events = [(1_700_000_000.0 + i, "exp", "admin", f"event {i}") for i in range(EVENTS + 12)]
+    log.insert(events=[*events, (1_700_001_000.0, "other", "admin", "another experiment's")])
+    report = build_report(log.config, EXPERIMENT, 0.0)
+    assert [event["detail"] for event in report["events"]] == [f"event {i}" for i in range(12, EVENTS + 12)]
 
 
 def test_the_live_report_includes_rows_still_queued(log: Log) -> None:
