@@ -428,10 +428,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    instance = server.Instance.load(args.run_dir.resolve())
-    if server.running_pid(instance) is None:
-        log.error("no TorchServe running from %s: run `make serve` first", args.run_dir)
-        return 1
+    instance = server.running_instance(args.run_dir)
     # The machine's cores: served throughput is per machine, and loadtest.capacity turns it into per core.
     import torch
 

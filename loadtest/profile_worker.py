@@ -152,10 +152,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    instance = server.Instance.load(args.run_dir.resolve())
-    if server.running_pid(instance) is None:
-        log.error("no TorchServe running from %s: run `make serve` first", args.run_dir)
-        return 1
+    instance = server.running_instance(args.run_dir)
     result = profile(instance, args.model, args.image, args.duration_s, args.connections, args.rate)
     output = args.output or REPO / "reports" / f"profile-{args.model}.md"
     output.parent.mkdir(parents=True, exist_ok=True)

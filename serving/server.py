@@ -27,8 +27,8 @@ from serving.ts_config import BASE_CONFIG, render_config
 
 __all__ = [
     "BASE_CONFIG", "DEFAULT_MODELS_FILE", "DEFAULT_RUN_DIR", "MODEL_CONFIGS", "STATE_FILE", "Instance", "Ports",
-    "ServeError", "describe", "free_ports", "model_status", "running_pid", "set_default", "start", "stop", "tail",
-    "wait_until_ready",
+    "ServeError", "describe", "free_ports", "model_status", "running_instance", "running_pid", "set_default",
+    "start", "stop", "tail", "wait_until_ready",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,15 @@ def _pid_file(instance: Instance) -> PidFile:
 def running_pid(instance: Instance) -> int | None:
     """The pid of this run directory's TorchServe if it is alive (and really TorchServe), else None."""
     return _pid_file(instance).pid()
+
+
+def running_instance(run_dir: Path) -> Instance:
+    """The TorchServe `make serve` started from `run_dir`, for the tools that measure it; exits naming the fix
+    when none is running there."""
+    instance = Instance.load(run_dir.resolve())
+    if running_pid(instance) is None:
+        raise SystemExit(f"no TorchServe running from {run_dir}: run `make serve` first")
+    return instance
 
 
 def _environment(instance: Instance, extra: dict[str, str] | None = None) -> dict[str, str]:
