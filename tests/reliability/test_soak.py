@@ -109,15 +109,20 @@ def test_a_process_that_has_gone_is_an_error_not_flat_memory(leaker: Leaker) -> 
         resident(pid)
 
 
+SHORT_SOAK_S = 40
+
+
 @pytest.mark.router
 def test_the_short_soak_holds_its_rate_and_latency_bound_with_flat_memory(
         stack: Stack, chaos_report: ChaosReport, tmp_path: Path) -> None:  # noqa: F811
-    result = soak(stack.torchserve.run_dir, stack.config_path, tmp_path, duration_s=20, load=0.7, step_s=3,
+    # 40 s: the steady part (after the first quarter) must outlast the frontend JVM's warm-up under the soak's own
+    # load — over 20 s, code cache and metaspace still growing read 52 and 39 MB/min over the two halves in CI.
+    result = soak(stack.torchserve.run_dir, stack.config_path, tmp_path, duration_s=SHORT_SOAK_S, load=0.7, step_s=3,
                   max_p99_ms=TEST_MAX_P99_MS, max_lag_ms=TEST_MAX_LAG_MS)
     chaos_report.add("Soak", result.markdown("The test stack (1 worker per model, batch ≤ 4), short form"))
     total = result.outcome.summary["Aggregated"]
     assert result.probe.valid and result.saturation > 0  # the rate was found with the soak's own generator
-    assert total["requests"] >= 0.95 * result.rate * 20
+    assert total["requests"] >= 0.95 * result.rate * SHORT_SOAK_S
     for role, series in result.memory.items():  # every process sampled all along (a busy machine samples less often)
-        assert len(series.mb) >= 10 and series.times[-1] - series.times[0] >= 0.8 * 20, (role, series.times)
+        assert len(series.mb) >= 10 and series.times[-1] - series.times[0] >= 0.8 * SHORT_SOAK_S, (role, series.times)
     assert not result.problems, result.problems  # rate, failures, p99 bound, generator, processes, memory growth
