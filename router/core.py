@@ -102,7 +102,7 @@ class Router:
                                       error.http_status):
                 error.where = None  # the error is still the answer, but names no request id that has no row
             raise
-        labels = labels_of(reply.body) if reply.status == 200 else None
+        labels = labels_of(reply) if reply.status == 200 else None
         if not await self._finish(request_id, name, arm, request.protocol, started, reply, retried_from,
                                   label=single_label(labels)):
             raise UpstreamUnavailable("the request log could not record this request; it was not answered: retry",

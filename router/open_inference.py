@@ -389,10 +389,7 @@ def outputs_of(reply: Reply, request: TensorRequest) -> Answer:
     on REST with status 400, on gRPC in the body alone) is the client's 400; TorchServe's own 4xx (a model or
     version it no longer serves, a body over its size limit) keeps its status; anything else that is not a v2
     answer is the router's 500, never a 200 with no outputs."""
-    try:
-        answer = json.loads(reply.body)
-    except ValueError:
-        answer = None
+    answer = reply.document  # parsed once: the router core read its labels from it
     if not isinstance(answer, dict):
         raise RouterError(f"the model's answer (HTTP {reply.status}) is not a JSON object: {reply.body[:80]!r}")
     error = answer.get("error")

@@ -7,7 +7,6 @@ protocol it came in. Nothing in the core knows a protocol beyond its name (for m
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -61,13 +60,11 @@ class Routed:
         return headers
 
 
-def labels_of(body: bytes) -> tuple[int, ...] | None:
+def labels_of(reply: Reply) -> tuple[int, ...] | None:
     """The predicted classes in one of our handler's answers — one for TorchServe's protocol, one per image of an
-    Open Inference Protocol answer — or None for anything else (an error, another format)."""
-    try:
-        answer = json.loads(body)
-    except ValueError:
-        return None
+    Open Inference Protocol answer — or None for anything else (an error, another format). Read from the reply's
+    parsed body, which the Open Inference Protocol's answer then reuses."""
+    answer = reply.document
     if not isinstance(answer, dict):
         return None
     if "outputs" in answer:

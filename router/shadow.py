@@ -61,7 +61,7 @@ class Shadows:
             self._outcome(request_id, experiment, name, "error")
             return
         latency_ms = (time.perf_counter() - started) * 1000
-        shadow_labels = labels_of(reply.body) if reply.status == 200 else None
+        shadow_labels = labels_of(reply) if reply.status == 200 else None
         if shadow_labels is None:
             self._outcome(request_id, experiment, name, "error", latency_ms=latency_ms)
             return

@@ -24,6 +24,7 @@ import json
 import logging
 from collections.abc import Generator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any, Protocol, TypeVar
@@ -102,6 +103,15 @@ class Reply:
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+    @cached_property
+    def document(self) -> Any:
+        """The body parsed as JSON, once (the router reads an answer's labels and its v2 outputs from it); None
+        when it is not JSON."""
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
 
 
 class TorchServeError(Exception):

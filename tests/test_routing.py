@@ -27,6 +27,7 @@ from router.errors import BadRequest, ConfigError, UpstreamUnavailable
 from router.request import labels_of, single_label
 from router.routing import choose_arm, random_arm, sticky_arm
 from router.stats import percentile, wilson_interval
+from serving.client import Reply
 
 KEYS = [f"user-{i}" for i in range(20_000)]
 # Binomial standard error of a share over 20,000 keys is at most 0.35 points; 1.5 points is > 4 sigma.
@@ -190,13 +191,13 @@ def test_circuit_breaker_opens_after_consecutive_failures_and_sends_one_probe_wh
 
 
 def test_labels_of_reads_only_our_handlers_answers() -> None:
-    assert labels_of(b'{"label": 7, "class": "Sneaker"}') == (7,)
-    assert labels_of(b'{"error": {"code": 400}}') is None
-    assert labels_of(b'{"label": true}') is None
-    assert labels_of(b"not json") is None
+    assert labels_of(Reply(200, b'{"label": 7, "class": "Sneaker"}')) == (7,)
+    assert labels_of(Reply(400, b'{"error": {"code": 400}}')) is None
+    assert labels_of(Reply(200, b'{"label": true}')) is None
+    assert labels_of(Reply(200, b"not json")) is None
     v2 = {"id": "", "outputs": [{"name": "class", "datatype": "BYTES", "shape": [2], "data": ["Bag", "Coat"]},
                                 {"name": "label", "datatype": "INT64", "shape": [2], "data": [8, 4]}]}
-    assert labels_of(json.dumps(v2).encode()) == (8, 4)  # an Open Inference Protocol answer: one per image
+    assert labels_of(Reply(200, json.dumps(v2).encode())) == (8, 4)  # an Open Inference Protocol answer: one per image
     assert single_label((8, 4)) is None and single_label((8,)) == 8 and single_label(None) is None
     v2["outputs"][1]["data"] = [8, "4"]
-    assert labels_of(json.dumps(v2).encode()) is None
+    assert labels_of(Reply(200, json.dumps(v2).encode())) is None
