@@ -39,8 +39,9 @@ while True:
         kept.append(bytearray(b"x" * int(rate * 0.25 * 2**20)))
     elif step and not kept and time.monotonic() - started >= step_at:
         kept.append(bytearray(b"x" * int(step * 2**20)))
-    else:  # no leak, but the allocator's churn a live process has
-        garbage = [bytearray(2**16) for _ in range(64)]
+    else:  # no leak, but the allocator's churn a live process has (small: a sample taken while 4 MB of garbage was
+        # alive, before the allocator trimmed it, read as a falling slope of 7.7 MB/min in CI)
+        garbage = [bytearray(2**14) for _ in range(16)]
         del garbage
     time.sleep(0.25)
 """
