@@ -16,6 +16,13 @@ DATA_DIR      ?= data
 # Each data set trains into its own folder, so `make train DATASET=mnist` never mistakes Fashion-MNIST files.
 CKPT          ?= checkpoints$(if $(filter-out fashion-mnist,$(DATASET)),/$(DATASET))
 REPORTS       ?= reports
+# The seed every training script of the chain gets (its cards record it).
+SEED          ?= 0
+# `make study`: the chain once per seed. make train's own chain (SEED) is one of them; the others train into
+# $(STUDY_DIR)/seed-N.
+STUDY_SEEDS   ?= 0 1 2
+STUDY_DIR     ?= $(CKPT)/study
+study_run = $(if $(filter $(SEED),$(1)),$(CKPT),$(STUDY_DIR)/seed-$(1))
 
 # Every hyperparameter's default lives in the scripts (budgets and augmentation in training/recipes.py), so
 # `python -m training.distill` trains the model `make train` trains; the rules below pass only data, paths and
@@ -28,7 +35,10 @@ QUANT_FLAGS   ?=
 DISTILL_FLAGS ?=
 
 CORE := fashion_cnn.py training/engine.py training/data.py training/cards.py training/cli.py training/recipes.py
-VARIANTS := $(CKPT)/full.pt $(CKPT)/pruned.pt $(CKPT)/int8.pt $(CKPT)/distilled.pt $(CKPT)/student_baseline.pt
+# What make train builds and make serve serves. The distilled student's no-teacher twin (student_baseline.pt) is
+# the study's: it measures distillation, and is served by no one.
+VARIANTS := $(CKPT)/full.pt $(CKPT)/pruned.pt $(CKPT)/int8.pt $(CKPT)/distilled.pt
+TWIN     := $(CKPT)/student_baseline.pt
 
 VERSION       ?= 1.0
 RUN_DIR       ?= runs/torchserve
@@ -43,7 +53,7 @@ ONNX_MODELS := $(foreach v,full pruned distilled int8,$(CKPT)/$(v)-onnx.onnx)
 MARS := $(foreach v,full pruned int8 distilled,model_store/fashion-$(v)-v$(VERSION).mar \
 	model_store/fashion-$(v)-onnx-v$(VERSION).mar)
 
-.PHONY: help install data train onnx report archive serve cluster stop status loadtest bench capacity manifests chaos test lint clean distclean
+.PHONY: help install data train study study-run onnx report archive serve cluster stop status loadtest bench capacity manifests chaos test lint clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -65,32 +75,38 @@ else
 	$(PY) -m training.data --dataset $(DATASET) --data-dir $(DATA_DIR)
 endif
 
-train: $(VARIANTS) $(REPORTS)/variants.md  ## full, pruned, int8, distilled (+ the student baseline) and the report
+train: $(VARIANTS) $(REPORTS)/variants.md  ## full, pruned, int8, distilled and the report (SEED=0)
+
+study: | $(STAMP)  ## the chain and the distilled student's no-teacher twin for each of STUDY_SEEDS: reports/study/
+	$(foreach seed,$(STUDY_SEEDS),$(MAKE) --no-print-directory study-run CKPT=$(call study_run,$(seed)) SEED=$(seed) &&) true
+	$(PY) -m training.study --runs $(foreach seed,$(STUDY_SEEDS),$(call study_run,$(seed))) --output-dir $(REPORTS)/study
+
+study-run: $(VARIANTS) $(TWIN)  # one seed's run of the study, into CKPT
 
 $(CKPT)/full.pt: training/train.py $(CORE) | $(STAMP)
-	$(PY) -m training.train --dataset $(DATASET) --data-dir $(DATA_DIR) --output $@ $(TRAIN_FLAGS)
+	$(PY) -m training.train --dataset $(DATASET) --data-dir $(DATA_DIR) --seed $(SEED) --output $@ $(TRAIN_FLAGS)
 
 $(CKPT)/pruned.pt: $(CKPT)/full.pt training/prune.py $(CORE)
-	$(PY) -m training.prune --dataset $(DATASET) --data-dir $(DATA_DIR) --parent $< --output $@ $(PRUNE_FLAGS)
+	$(PY) -m training.prune --dataset $(DATASET) --data-dir $(DATA_DIR) --seed $(SEED) --parent $< --output $@ $(PRUNE_FLAGS)
 
 $(CKPT)/int8.pt: $(CKPT)/full.pt training/quantize.py $(CORE)
-	$(PY) -m training.quantize --dataset $(DATASET) --data-dir $(DATA_DIR) --parent $< --output $@ $(QUANT_FLAGS)
+	$(PY) -m training.quantize --dataset $(DATASET) --data-dir $(DATA_DIR) --seed $(SEED) --parent $< --output $@ $(QUANT_FLAGS)
 
 $(CKPT)/distilled.pt: $(CKPT)/full.pt training/distill.py $(CORE)
-	$(PY) -m training.distill --dataset $(DATASET) --data-dir $(DATA_DIR) --teacher $< --output $@ $(STUDENT_FLAGS) $(DISTILL_FLAGS)
+	$(PY) -m training.distill --dataset $(DATASET) --data-dir $(DATA_DIR) --seed $(SEED) --teacher $< --output $@ $(STUDENT_FLAGS) $(DISTILL_FLAGS)
 
-$(CKPT)/student_baseline.pt: training/train.py $(CORE) | $(STAMP)
-	$(PY) -m training.train --dataset $(DATASET) --data-dir $(DATA_DIR) --output $@ --arch student --variant student-baseline $(STUDENT_FLAGS)
+$(TWIN): training/train.py $(CORE) | $(STAMP)
+	$(PY) -m training.train --dataset $(DATASET) --data-dir $(DATA_DIR) --seed $(SEED) --output $@ --arch student --variant student-baseline $(STUDENT_FLAGS)
 
 onnx: $(ONNX_MODELS)  ## ONNX exports of full, pruned, distilled, and ONNX Runtime's static int8 of full (int8-onnx)
 
 # Each checked against its parent on the test set (training/export_onnx.py); the explicit int8 rule wins over the
 # pattern, which would otherwise export the FX int8 TorchScript.
 $(CKPT)/%-onnx.onnx: $(CKPT)/%.pt training/export_onnx.py $(CORE)
-	$(PY) -m training.export_onnx --dataset $(DATASET) --data-dir $(DATA_DIR) --parent $< --output $@ $(ONNX_FLAGS)
+	$(PY) -m training.export_onnx --dataset $(DATASET) --data-dir $(DATA_DIR) --seed $(SEED) --parent $< --output $@ $(ONNX_FLAGS)
 
 $(CKPT)/int8-onnx.onnx: $(CKPT)/full.pt training/export_onnx.py $(CORE)
-	$(PY) -m training.export_onnx --dataset $(DATASET) --data-dir $(DATA_DIR) --parent $< --quantize --output $@ \
+	$(PY) -m training.export_onnx --dataset $(DATASET) --data-dir $(DATA_DIR) --seed $(SEED) --parent $< --quantize --output $@ \
 		$(ONNX_FLAGS)
 
 report: $(REPORTS)/variants.md  ## Markdown table + PNG plot of the variants, from their cards

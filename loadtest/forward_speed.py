@@ -10,8 +10,9 @@ Candidates, each loaded from the checkpoints a run of `make train` and `make onn
   * `torch.compile` (inductor) with `--compile` (its first call compiles for a minute or more);
   * ONNX Runtime, from `<variant>-onnx.onnx` (`training.export_onnx`), one intra-op thread, as the handler runs it.
 Every candidate is checked against its variant's reference on `--images` test images (top-1 agreement, accuracy)
-before it is timed. Timing: `--rounds` rounds; in each, every candidate runs `--repeats` forward passes of each
-batch size in turn (so a drift of the machine hits all alike); the median per batch is kept. One thread (what one
+before it is timed. Timing (`training.engine.measure_latency_interleaved`): for each batch size, `--rounds` rounds in
+which every candidate runs `--repeats` forward passes in turn (so a drift of the machine hits all alike); the median
+over rounds is kept. One thread (what one
 TorchServe worker has in the kit's model configs).
 
 Writes reports/forward_speed.md (and .json). Usage:
@@ -23,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 import fashion_cnn
 from serving.project import REPO, VARIANTS
 from training.data import load_split
+from training.engine import measure_latency_interleaved
 
 log = logging.getLogger("loadtest.forward_speed")
 
@@ -108,20 +108,10 @@ def measure(found: list[Candidate], images: torch.Tensor, labels: torch.Tensor, 
             checks[(candidate.variant, candidate.runtime)] = (
                 (predicted == reference[candidate.variant]).float().mean().item(),
                 (predicted == labels).float().mean().item())
-        samples: dict[tuple[str, str, int], list[float]] = {}
-        for round_index in range(rounds):
-            for candidate in found:
-                for batch in batches:
-                    x = inputs.repeat(batch // len(inputs) + 1, 1, 1, 1)[:batch]
-                    candidate.forward(x)  # warm: the first pass of a shape allocates
-                    started = time.perf_counter()
-                    for _ in range(repeats):
-                        candidate.forward(x)
-                    samples.setdefault((candidate.variant, candidate.runtime, batch), []).append(
-                        (time.perf_counter() - started) / repeats * 1000)
-            log.info("round %d of %d done", round_index + 1, rounds)
+    timed = measure_latency_interleaved({f"{c.variant}/{c.runtime}": c.forward for c in found}, batch_sizes=batches,
+                                        threads=(1,), rounds=rounds, passes=repeats, warmup=1)
     return [Measured(c.variant, c.runtime, *checks[(c.variant, c.runtime)],
-                     {batch: statistics.median(samples[(c.variant, c.runtime, batch)]) for batch in batches})
+                     {batch: timed[f"{c.variant}/{c.runtime}"]["threads_1"][f"batch_{batch}"] for batch in batches})
             for c in found]
 
 

@@ -26,7 +26,7 @@ from training.recipes import RECIPES
 VARIANTS = ["full", "pruned", "int8", "distilled", "student_baseline"]
 CARD_FIELDS = {
     "variant", "dataset", "format", "test_accuracy", "per_class_accuracy", "parameters", "file_bytes",
-    "sha256", "latency_ms", "recipe", "parent", "versions", "created", "model_args",
+    "sha256", "latency_ms", "recipe", "parent", "versions", "created", "model_args", "seed",
 }
 
 # Runs in a fresh interpreter that can import fashion_cnn (copied beside the weights) and torch, nothing of
@@ -56,7 +56,7 @@ def test_every_variant_has_a_complete_card(chain: Chain, name: str) -> None:
     assert card["test_images"] == DRY_RUN_TEST_IMAGES
     assert len(card["per_class_accuracy"]) == 10
     assert set(card["latency_ms"]) == {"threads_1", "threads_2"}
-    assert card["recipe"]["dry_run"] is True and card["recipe"]["seed"] == 0
+    assert card["recipe"]["dry_run"] is True and card["seed"] == card["recipe"]["seed"] == 0
     assert card["versions"]["torch"] == torch.__version__
 
 
@@ -129,16 +129,17 @@ def test_distilled_student_is_small_and_baseline_shares_its_budget(chain: Chain)
 
 SCRIPTS = {"training.train": train, "training.prune": prune, "training.quantize": quantize,
            "training.distill": distill}
-# All `make train` may pass: where the data and the files are, and which model a script trains.
-PLACES = {"--dataset", "--data-dir", "--output", "--parent", "--teacher", "--checkpoints", "--output-dir"}
+# All `make train` may pass: where the data and the files are, the run's seed, and which model a script trains.
+PLACES = {"--dataset", "--data-dir", "--output", "--parent", "--teacher", "--checkpoints", "--output-dir", "--seed"}
 MODEL_CHOICE = {"--arch", "--variant"}
 
 
-def make_train_commands(tmp_path: Path) -> dict[str, list[str]]:
-    """The training commands `make train` runs (`make -n`: printed, not run), by the checkpoint each writes."""
+def make_train_commands(tmp_path: Path, target: str = "study-run", *settings: str) -> dict[str, list[str]]:
+    """The training commands a make target runs (`make -n`: printed, not run), by the checkpoint each writes.
+    `study-run`, one seed's run of `make study`: make train's chain and the distilled student's no-teacher twin."""
     env = {key: value for key, value in os.environ.items()
-           if not key.endswith("_FLAGS") and key not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL"}}
-    printed = subprocess.run(["make", "-n", "-B", "train", f"CKPT={tmp_path}", f"REPORTS={tmp_path}"],
+           if not key.endswith("_FLAGS") and key not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "SEED"}}
+    printed = subprocess.run(["make", "-n", "-B", target, f"CKPT={tmp_path}", f"REPORTS={tmp_path}", *settings],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
     commands = {}
     for line in printed.splitlines():
@@ -150,6 +151,32 @@ def make_train_commands(tmp_path: Path) -> dict[str, list[str]]:
 
 def parse(command: list[str]) -> argparse.Namespace:
     return SCRIPTS[command[0]].get_args_parser().parse_args(command[1:])
+
+
+def test_make_train_trains_the_served_variants_and_the_study_adds_the_twin(tmp_path: Path) -> None:
+    assert sorted(make_train_commands(tmp_path, "train")) == sorted(set(VARIANTS) - {"student_baseline"})
+    assert sorted(make_train_commands(tmp_path, "study-run")) == sorted(VARIANTS)
+
+
+def test_every_script_of_a_run_gets_its_seed(tmp_path: Path) -> None:
+    for settings, seed in (((), "0"), (("SEED=3",), "3")):
+        commands = make_train_commands(tmp_path, "study-run", *settings)
+        assert {name: parse(command).seed for name, command in commands.items()} == {
+            name: int(seed) for name in VARIANTS}
+
+
+def test_make_study_runs_each_seed_and_reuses_make_trains_own(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items()
+           if key not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "SEED", "STUDY_SEEDS", "STUDY_DIR"}}
+    printed = subprocess.run(["make", "-n", "study", f"CKPT={tmp_path}", f"REPORTS={tmp_path}", "STUDY_SEEDS=0 4 5",
+                              "STAMP=Makefile"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+                             check=True).stdout
+    runs = {tmp_path, tmp_path / "study" / "seed-4", tmp_path / "study" / "seed-5"}
+    study = next(shlex.split(line) for line in printed.splitlines() if "training.study" in line)
+    assert {Path(word) for word in study[study.index("--runs") + 1:study.index("--output-dir")]} == runs
+    assert {(Path(words[words.index("--output") + 1]).parent, parse(words[2:]).seed)
+            for words in map(shlex.split, printed.splitlines()) if len(words) > 2 and words[2] in SCRIPTS} == {
+        (tmp_path, 0), (tmp_path / "study" / "seed-4", 4), (tmp_path / "study" / "seed-5", 5)}
 
 
 def test_make_train_passes_no_hyperparameters(tmp_path: Path) -> None:
@@ -208,8 +235,10 @@ def test_same_seed_gives_the_same_weights(chain: Chain, tmp_path: Path) -> None:
 
 
 def test_report_builds_table_and_plot_from_the_cards(chain: Chain, tmp_path: Path) -> None:
-    run_module("training.report", "--checkpoints", str(chain.directory), "--output-dir", str(tmp_path))
+    run_module("training.report", "--checkpoints", str(chain.directory), "--output-dir", str(tmp_path),
+               "--rounds", "2")
     table = (tmp_path / "variants.md").read_text()
+    assert "timed interleaved" in table
     for variant in ["full", "pruned", "int8", "distilled", "student-baseline"]:
         assert f"| {variant} |" in table
     assert (tmp_path / "variants.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -70,6 +70,8 @@ def write_card(
         "format": model_format,
         "dataset": test_split.dataset,
         "model_args": model_args,
+        # What a several-seed study (training.study) groups runs by; also in the recipe.
+        "seed": args.seed,
         "test_accuracy": evaluation.accuracy,
         "test_images": evaluation.count,
         "per_class_accuracy": evaluation.per_class_accuracy,
