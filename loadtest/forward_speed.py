@@ -12,8 +12,7 @@ Candidates, each loaded from the checkpoints a run of `make train` and `make onn
 Every candidate is checked against its variant's reference on `--images` test images (top-1 agreement, accuracy)
 before it is timed. Timing (`training.engine.measure_latency_interleaved`): for each batch size, `--rounds` rounds in
 which every candidate runs `--repeats` forward passes in turn (so a drift of the machine hits all alike); the median
-over rounds is kept. One thread (what one
-TorchServe worker has in the kit's model configs).
+over rounds is kept. One thread (what one TorchServe worker has in the kit's model configs).
 
 Writes reports/forward_speed.md (and .json). Usage:
     .venv/bin/python -m loadtest.forward_speed [--checkpoints checkpoints] [--rounds 5] [--compile]

@@ -65,8 +65,8 @@ def time_interleaved(cards: list[dict[str, Any]], directory: Path, rounds: int =
 def speedup(latency: dict[str, Latency], variant: str, reference: str = "full", threads: int = 1,
             batch: int = 64) -> float:
     """How many times faster `variant` ran than `reference` in the same interleaved timing."""
-    cell = (f"threads_{threads}", f"batch_{batch}")
-    return latency[reference][cell[0]][cell[1]] / latency[variant][cell[0]][cell[1]]
+    row, column = f"threads_{threads}", f"batch_{batch}"
+    return latency[reference][row][column] / latency[variant][row][column]
 
 
 def markdown_table(cards: list[dict[str, Any]], latency: dict[str, Latency]) -> str:

@@ -27,15 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from training.report import (
-    INTERLEAVED_PASSES,
-    INTERLEAVED_ROUNDS,
-    LATENCY_METHOD,
-    Latency,
-    load_cards,
-    speedup,
-    time_interleaved,
-)
+from training.engine import INTERLEAVED_PASSES, INTERLEAVED_ROUNDS
+from training.report import LATENCY_METHOD, Latency, load_cards, speedup, time_interleaved
 
 log = logging.getLogger(__name__)
 
