@@ -39,7 +39,12 @@ def library_versions() -> dict[str, str]:
 
 
 def recipe_of(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: (str(value) if isinstance(value, Path) else value) for key, value in sorted(vars(args).items())}
+    def plain(value: Any) -> Any:  # paths, alone or in a list (several teachers), as JSON strings
+        if isinstance(value, list):
+            return [plain(item) for item in value]
+        return str(value) if isinstance(value, Path) else value
+
+    return {key: plain(value) for key, value in sorted(vars(args).items())}
 
 
 def write_card(

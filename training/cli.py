@@ -51,8 +51,11 @@ def add_common_args(parser: argparse.ArgumentParser, output: str) -> None:
                         help=f"one quick pass on {DRY_RUN_TRAIN_IMAGES} training / {DRY_RUN_TEST_IMAGES} test images")
 
 
-def add_parent_arg(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
-    parser.add_argument(flag, type=Path, default=FULL_CHECKPOINT, help=help)
+def add_parent_arg(parser: argparse.ArgumentParser, flag: str, help: str, several: bool = False) -> None:
+    if several:  # one or more paths, always a list
+        parser.add_argument(flag, type=Path, nargs="+", default=[FULL_CHECKPOINT], help=help)
+    else:
+        parser.add_argument(flag, type=Path, default=FULL_CHECKPOINT, help=help)
 
 
 def recipe_values(recipe: Recipe) -> dict[str, object]:

@@ -6,9 +6,13 @@ same student without a teacher with `training.train --arch student --variant stu
 student's recipe (training/recipes.py), so they share budget and augmentation unless a flag is given to one
 only. `make train` does both and the report shows both.
 
+Several `--teacher` checkpoints teach as one ensemble: the mean of their logits (a stronger teacher than any of
+them, at the cost of one forward pass of each per batch).
+
 Usage:
     python -m training.distill --teacher checkpoints/full.pt      # -> checkpoints/distilled.pt + card
     python -m training.distill --temperature 4 --alpha 0.5
+    python -m training.distill --teacher checkpoints/full.pt checkpoints/study/seed-{1,2}/full.pt   # an ensemble
     python -m training.distill --dry-run --teacher /tmp/full.pt --output /tmp/distilled.pt
 """
 
@@ -16,8 +20,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
+
+import torch
+from torch import nn
 
 from fashion_cnn import count_parameters
+from training.cards import parent_reference
 from training.cli import (
     add_common_args,
     add_model_args,
@@ -33,12 +42,24 @@ from training.engine import DistillationLoss, evaluate
 from training.recipes import RECIPES
 
 
+class Ensemble(nn.Module):
+    """Several trained models answering as one: the mean of their logits."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(x) for member in self.members]).mean(dim=0)
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Distil the full model into a small student", add_help=add_help)
     add_common_args(parser, output="distilled.pt")
     add_model_args(parser, arch="student")
     add_training_args(parser, RECIPES)
-    add_parent_arg(parser, "--teacher", help="the trained full model")
+    add_parent_arg(parser, "--teacher", several=True,
+                   help="the trained full model; several checkpoints teach as an ensemble (the mean of their logits)")
     # The settings of the measured run in docs/training.md (with the student recipe's random erasing).
     parser.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T")
     parser.add_argument("--alpha", type=float, default=0.9, help="weight of the soft (teacher) term")
@@ -47,14 +68,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     run = prepare_run(args, RECIPES[args.arch])
-    teacher = load_parent(args.teacher)
-    extra = {
+    members = [load_parent(path) for path in args.teacher]
+    teacher = members[0] if len(members) == 1 else Ensemble(members)
+    extra: dict[str, object] = {
         "teacher_parameters": count_parameters(teacher),
         "teacher_test_accuracy": evaluate(teacher, run.test).accuracy,
     }
+    if len(members) > 1:  # the card's parent is the first; the others are named here
+        extra["teacher_ensemble"] = [parent_reference(path) for path in args.teacher]
     student = model_from_args(args)
     criterion = DistillationLoss(teacher, args.temperature, args.alpha)
-    fit_and_save(student, criterion, run, args, variant="distilled", parent=args.teacher, extra=extra)
+    fit_and_save(student, criterion, run, args, variant="distilled", parent=args.teacher[0], extra=extra)
     return 0
 
 
