@@ -23,6 +23,16 @@ SEED          ?= 0
 STUDY_SEEDS   ?= 0 1 2
 STUDY_DIR     ?= $(CKPT)/study
 study_run = $(if $(filter $(SEED),$(1)),$(CKPT),$(STUDY_DIR)/seed-$(1))
+# `make attempt`: another recipe for the distilled or pruned model over the study's seeds, into
+# $(ATTEMPTS_DIR)/NAME/seed-N; `make study` judges each beside its own run (docs/training.md). E.g.
+#   make attempt NAME=attention ATTEMPT=distill ATTEMPT_FLAGS="--attention-weight 1000"
+#   make attempt NAME=ensemble ATTEMPT=distill TEACHERS=all      # every study seed's full model teaches, as one
+#   make attempt NAME=12-epochs ATTEMPT=distill STUDENT_FLAGS="--epochs 12"   # retrains the twin beside it too
+#   make attempt NAME=finetune-3 ATTEMPT=prune ATTEMPT_FLAGS="--finetune-epochs 3"
+ATTEMPTS_DIR  ?= $(CKPT)/attempts
+ATTEMPT       ?= distill
+TEACHERS      ?= own
+ATTEMPT_FLAGS ?=
 
 # Every hyperparameter's default lives in the scripts (budgets and augmentation in training/recipes.py), so
 # `python -m training.distill` trains the model `make train` trains; the rules below pass only data, paths and
@@ -53,7 +63,7 @@ ONNX_MODELS := $(foreach v,full pruned distilled int8,$(CKPT)/$(v)-onnx.onnx)
 MARS := $(foreach v,full pruned int8 distilled,model_store/fashion-$(v)-v$(VERSION).mar \
 	model_store/fashion-$(v)-onnx-v$(VERSION).mar)
 
-.PHONY: help install data train study study-run onnx report archive serve cluster stop status loadtest bench capacity manifests chaos test lint clean distclean
+.PHONY: help install data train study study-run attempt onnx report archive serve cluster stop status loadtest bench capacity manifests chaos test lint clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -79,9 +89,31 @@ train: $(VARIANTS) $(REPORTS)/variants.md  ## full, pruned, int8, distilled and 
 
 study: | $(STAMP)  ## the chain and the distilled student's no-teacher twin for each of STUDY_SEEDS: reports/study/
 	$(foreach seed,$(STUDY_SEEDS),$(MAKE) --no-print-directory study-run CKPT=$(call study_run,$(seed)) SEED=$(seed) &&) true
-	$(PY) -m training.study --runs $(foreach seed,$(STUDY_SEEDS),$(call study_run,$(seed))) --output-dir $(REPORTS)/study
+	$(PY) -m training.study --runs $(foreach seed,$(STUDY_SEEDS),$(call study_run,$(seed))) --output-dir $(REPORTS)/study \
+	  --attempts $(ATTEMPTS_DIR)
 
 study-run: $(VARIANTS) $(TWIN)  # one seed's run of the study, into CKPT
+
+study_full = $(call study_run,$(1))/full.pt
+attempt_dir = $(ATTEMPTS_DIR)/$(NAME)/seed-$(1)
+# One seed's attempt: the distilled student (taught by the seed's full model, or by all of them) or the pruned model,
+# and the no-teacher twin beside the student when STUDENT_FLAGS changes the student's budget.
+attempt_seed = \
+	$(PY) -m training.$(ATTEMPT) --dataset $(DATASET) --data-dir $(DATA_DIR) --seed $(1) \
+	  $(if $(filter distill,$(ATTEMPT)),--teacher $(if $(filter all,$(TEACHERS)),$(foreach s,$(STUDY_SEEDS),$(call study_full,$(s))),$(call study_full,$(1))) $(STUDENT_FLAGS),--parent $(call study_full,$(1))) \
+	  --output $(call attempt_dir,$(1))/$(if $(filter distill,$(ATTEMPT)),distilled,pruned).pt $(ATTEMPT_FLAGS) \
+	$(if $(and $(filter distill,$(ATTEMPT)),$(STUDENT_FLAGS)),&& $(PY) -m training.train --dataset $(DATASET) --data-dir $(DATA_DIR) --seed $(1) \
+	  --output $(call attempt_dir,$(1))/student_baseline.pt --arch student --variant student-baseline $(STUDENT_FLAGS))
+
+attempt: | $(STAMP)  ## another distilled or pruned recipe over STUDY_SEEDS, judged by make study: NAME=… ATTEMPT=distill|prune ATTEMPT_FLAGS=…
+	@test -n "$(NAME)" || { echo "make attempt needs NAME=… (its folder under $(ATTEMPTS_DIR))" >&2; exit 1; }
+	@test "$(ATTEMPT)" = distill || test "$(ATTEMPT)" = prune || { echo "ATTEMPT is distill or prune" >&2; exit 1; }
+	@test "$(TEACHERS)" = own || test "$(TEACHERS)" = all || { echo "TEACHERS is own or all" >&2; exit 1; }
+	@test "$(ATTEMPT)" = distill || { test "$(TEACHERS)" = own && test -z "$(STUDENT_FLAGS)"; } || \
+	  { echo "TEACHERS and STUDENT_FLAGS are for ATTEMPT=distill" >&2; exit 1; }
+	@for full in $(foreach seed,$(STUDY_SEEDS),$(call study_full,$(seed))); do \
+	  test -f $$full || { echo "no $$full: run make study first" >&2; exit 1; }; done
+	$(foreach seed,$(STUDY_SEEDS),$(call attempt_seed,$(seed)) && ) true
 
 $(CKPT)/full.pt: training/train.py $(CORE) | $(STAMP)
 	$(PY) -m training.train --dataset $(DATASET) --data-dir $(DATA_DIR) --seed $(SEED) --output $@ $(TRAIN_FLAGS)

@@ -167,16 +167,62 @@ def test_every_script_of_a_run_gets_its_seed(tmp_path: Path) -> None:
 
 def test_make_study_runs_each_seed_and_reuses_make_trains_own(tmp_path: Path) -> None:
     env = {key: value for key, value in os.environ.items()
-           if key not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "SEED", "STUDY_SEEDS", "STUDY_DIR"}}
+           if key not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "SEED", "STUDY_SEEDS", "STUDY_DIR", "ATTEMPTS_DIR"}}
     printed = subprocess.run(["make", "-n", "study", f"CKPT={tmp_path}", f"REPORTS={tmp_path}", "STUDY_SEEDS=0 4 5",
                               "STAMP=Makefile"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
-                             check=True).stdout
+                             check=True).stdout.replace("\\\n", " ")  # one command per line
     runs = {tmp_path, tmp_path / "study" / "seed-4", tmp_path / "study" / "seed-5"}
     study = next(shlex.split(line) for line in printed.splitlines() if "training.study" in line)
     assert {Path(word) for word in study[study.index("--runs") + 1:study.index("--output-dir")]} == runs
+    assert Path(study[study.index("--attempts") + 1]) == tmp_path / "attempts"  # make attempt's folder
     assert {(Path(words[words.index("--output") + 1]).parent, parse(words[2:]).seed)
             for words in map(shlex.split, printed.splitlines()) if len(words) > 2 and words[2] in SCRIPTS} == {
         (tmp_path, 0), (tmp_path / "study" / "seed-4", 4), (tmp_path / "study" / "seed-5", 5)}
+
+
+def make_attempt_commands(tmp_path: Path, *settings: str) -> list[list[str]]:
+    """The training commands `make attempt NAME=try` runs over seeds 0 and 4 (`make -n`: printed, not run)."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.endswith("_FLAGS") and key not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "SEED", "STUDY_SEEDS",
+                                                          "STUDY_DIR", "ATTEMPT", "ATTEMPTS_DIR", "TEACHERS", "NAME"}}
+    printed = subprocess.run(["make", "-n", "attempt", f"CKPT={tmp_path}", "STUDY_SEEDS=0 4", "STAMP=Makefile",
+                              "NAME=try", *settings], cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+                             check=True).stdout
+    commands: list[list[str]] = [[]]
+    for word in shlex.split(next(line for line in printed.splitlines() if "-m training." in line)):
+        if word == "&&":
+            commands.append([])
+        else:
+            commands[-1].append(word)
+    return [command[2:] for command in commands if len(command) > 2 and command[2] in SCRIPTS]
+
+
+def test_make_attempt_trains_each_seed_from_that_seeds_full_model(tmp_path: Path) -> None:
+    fulls = {0: tmp_path / "full.pt", 4: tmp_path / "study" / "seed-4" / "full.pt"}
+    attempts = tmp_path / "attempts" / "try"
+    commands = make_attempt_commands(tmp_path, "ATTEMPT_FLAGS=--attention-weight 1000")
+    assert [command[0] for command in commands] == ["training.distill"] * 2
+    for command, seed in zip(commands, (0, 4), strict=True):
+        args = parse(command)
+        assert (args.seed, args.teacher) == (seed, [fulls[seed]])
+        assert args.output == attempts / f"seed-{seed}" / "distilled.pt"
+        assert args.attention_weight == 1000
+    ensemble = [parse(command) for command in make_attempt_commands(tmp_path, "TEACHERS=all")]
+    assert [args.teacher for args in ensemble] == [[fulls[0], fulls[4]]] * 2
+    pruned = [parse(command) for command in make_attempt_commands(tmp_path, "ATTEMPT=prune",
+                                                                  "ATTEMPT_FLAGS=--finetune-epochs 3")]
+    assert [(args.parent, args.output.name, args.epochs) for args in pruned] == [
+        (fulls[0], "pruned.pt", 3), (fulls[4], "pruned.pt", 3)]
+
+
+def test_make_attempt_retrains_the_twin_when_the_students_budget_changes(tmp_path: Path) -> None:
+    # The student's budget unchanged: the study's own twin is the comparison, none is retrained.
+    assert [command[0] for command in make_attempt_commands(tmp_path)] == ["training.distill"] * 2
+    commands = make_attempt_commands(tmp_path, "STUDENT_FLAGS=--epochs 12")
+    students = [(parse(command).output.parent.name, parse(command).arch, parse(command).epochs)
+                for command in commands]
+    assert students == [("seed-0", "student", 12)] * 2 + [("seed-4", "student", 12)] * 2
+    assert [parse(command).output.name for command in commands] == ["distilled.pt", "student_baseline.pt"] * 2
 
 
 def test_make_train_passes_no_hyperparameters(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from tests.conftest import Chain, run_module
 from training.engine import measure_latency_interleaved
-from training.study import Spread, load_runs, summarise
+from training.study import Spread, load_attempts, load_runs, recipe_changes, summarise
 
 CHAIN_FILES = ("full", "pruned", "int8", "distilled", "student_baseline")
 
@@ -79,6 +79,101 @@ def test_the_study_reads_its_runs_and_writes_table_json_and_plot(chain: Chain, t
     assert "| distilled | 92.23 ± 0.15 | 92.10 | 92.20 | 92.40 |" in table
     assert "distilled beats its twin by more than the seeds' spread* holds" in table
     assert (output / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def attempt_run(chain: Chain, directory: Path, seed: int, accuracy: dict[str, float],
+                names: tuple[str, ...] = ("distilled",), **recipe: Any) -> None:
+    """One seed of an attempt (as `make attempt` writes it): the chain's cards of `names`, with `recipe` changed."""
+    directory.mkdir(parents=True)
+    for name in names:
+        card = dict(chain.card(name))
+        card.update(seed=seed, test_accuracy=accuracy[card["variant"]], recipe={**card["recipe"], **recipe})
+        (directory / f"{name}.card.json").write_text(json.dumps(card))
+
+
+def test_the_study_judges_each_attempt_as_its_own_run_of_the_variant_is(chain: Chain, tmp_path: Path) -> None:
+    seeds, twins = (0, 7, 8), (0.917, 0.919, 0.918)
+    runs = [copy_run(chain, tmp_path / f"seed-{seed}", seed, accuracies(0.93, 0.924, 0.915, twin))
+            for seed, twin in zip(seeds, twins, strict=True)]
+    attempts = tmp_path / "attempts"
+    for seed, gain in zip(seeds, (0.004, 0.005, 0.006), strict=True):  # +0.5 pt over the twin, spread 0.1
+        twin = twins[seeds.index(seed)]
+        attempt_run(chain, attempts / "attention" / f"seed-{seed}", seed, {"distilled": twin + gain},
+                    attention_weight=1000.0)
+        # A longer budget for both students: judged against its own twin (here 0.5 pt better), not the study's.
+        attempt_run(chain, attempts / "longer" / f"seed-{seed}", seed,
+                    {"distilled": twin + gain, "student-baseline": twin + 0.005}, ("distilled", "student_baseline"),
+                    epochs=12)
+        attempt_run(chain, attempts / "finetune" / f"seed-{seed}", seed, {"pruned": 0.926}, ("pruned",),
+                    epochs=3)  # --finetune-epochs 3; 0.4 pt below full: within the 0.5 pt target
+    attempt_run(chain, attempts / "unfinished" / "seed-0", 0, {"distilled": 0.99})  # one seed of three
+    output = tmp_path / "report"
+    run_module("training.study", "--runs", *map(str, runs), "--output-dir", str(output), "--rounds", "1",
+               "--attempts", str(attempts))
+    judged = {attempt["name"]: attempt for attempt in json.loads((output / "study.json").read_text())["attempts"]}
+    assert set(judged) == {"attention", "longer", "finetune"}  # the unfinished one cannot be paired by seed
+    attention, longer, finetune = judged["attention"], judged["longer"], judged["finetune"]
+    assert attention["changes"] == {"attention_weight": [0.0, 1000.0]}
+    assert attention["distillation"]["difference"]["values"] == pytest.approx([0.4, 0.5, 0.6])
+    assert attention["judged_against"] == "the study's twin" and attention["holds"] is True
+    assert longer["changes"] == {"epochs": [chain.card("distilled")["recipe"]["epochs"], 12]}
+    assert longer["judged_against"] == "its own twin" and longer["holds"] is False  # level with its own twin
+    assert longer["distillation"]["difference"]["values"] == pytest.approx([-0.1, 0.0, 0.1])
+    assert finetune["variant"] == "pruned" and finetune["pruning"]["loss"]["mean"] == pytest.approx(0.4)
+    # The dry-run chain's pruned model, timed in the same rounds as its full model: its speed-up is the study's.
+    assert finetune["pruning"]["speedup_b64_1_thread"] == json.loads(
+        (output / "study.json").read_text())["pruning"]["speedup_b64_1_thread"]
+    assert finetune["changes"] == {"epochs": [chain.card("pruned")["recipe"]["epochs"], 3]}
+    assert finetune["holds"] is all(finetune["pruning"]["meets"].values())
+    table = (output / "study.md").read_text()
+    assert "| attention | distilled | attention_weight 0.0 → 1000.0 |" in table
+    assert "Δ vs the study's twin 0.50 ± 0.10 (+0.40, +0.50, +0.60) | beats the twin beyond the spread |" in table
+    assert "| longer | distilled | epochs" in table
+    assert "Δ vs its own twin 0.00 ± 0.10 (-0.10, +0.00, +0.10) | does not beat the twin |" in table
+
+
+def recipe_cards(seed: int, accuracy: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """cards() with the recipes and architectures the attempts are compared by."""
+    made = cards(seed, accuracy)
+    for variant, card in made.items():
+        card["recipe"] = {"epochs": 6, "alpha": 0.9, "teacher": [f"seed-{seed}/full.pt"], "seed": seed}
+        card["model_args"] = {"conv1": 40 if variant == "pruned" else 64}
+    return made
+
+
+def test_a_budget_change_without_its_own_twin_is_not_judged_and_another_pruned_shape_is_timed() -> None:
+    runs = [recipe_cards(s, accuracies(0.93, 0.926, 0.92, 0.91)) for s in range(3)]
+    longer = [{"distilled": {**run["distilled"], "recipe": {**run["distilled"]["recipe"], "epochs": 12},
+                             "test_accuracy": 0.95}} for run in runs]
+    narrower = [{"pruned": {**run["pruned"], "model_args": {"conv1": 24}, "parameters": 100}} for run in runs]
+    timing = latency(80.0, 30.0) | {"attempt narrower": latency(80.0, 20.0)["pruned"]}
+    study = summarise([0, 1, 2], runs, timing, {"longer": longer, "narrower": narrower})
+    # 12 epochs against the study's 6-epoch twin would measure the budget, not distillation: left out.
+    assert [attempt.name for attempt in study.attempts] == ["narrower"]
+    pruning = study.attempts[0].pruning
+    assert pruning is not None and pruning.speedup_b64_1_thread == pytest.approx(4.0)  # its own timing, not 80/30
+    assert pruning.parameter_reduction == pytest.approx(0.9) and study.attempts[0].holds
+    assert set(study.latency) == set(study.accuracy)  # the attempt's timing stays out of the variants' table
+
+
+def test_recipe_changes_count_teachers_and_ignore_each_runs_own_paths() -> None:
+    study = {"recipe": {"teacher": ["a/full.pt"], "alpha": 0.9, "output": "a/distilled.pt", "seed": 0}}
+    ensemble = {"recipe": {"teacher": ["b/full.pt", "c/full.pt", "d/full.pt"], "alpha": 0.9,
+                           "output": "b/distilled.pt", "seed": 1}}
+    assert recipe_changes(study, ensemble) == {"teacher": [1, 3]}
+    assert recipe_changes(study, {"recipe": {**study["recipe"], "teacher": ["z/full.pt"], "seed": 4}}) == {}
+
+
+def test_an_attempt_missing_a_seed_or_holding_two_variants_is_left_out(chain: Chain, tmp_path: Path) -> None:
+    for seed in (0, 1):
+        attempt_run(chain, tmp_path / "both" / f"seed-{seed}", seed, {"distilled": 0.9, "pruned": 0.9},
+                    ("distilled", "pruned"))
+        attempt_run(chain, tmp_path / "good" / f"seed-{seed}", seed, {"distilled": 0.9})
+    attempt_run(chain, tmp_path / "missing" / "seed-0", 0, {"distilled": 0.9})
+    attempt_run(chain, tmp_path / "reseeded" / "seed-0", 0, {"distilled": 0.9})
+    attempt_run(chain, tmp_path / "reseeded" / "seed-1", 5, {"distilled": 0.9})  # its card says another seed
+    assert set(load_attempts(tmp_path, [0, 1])) == {"good"}
+    assert load_attempts(tmp_path / "nowhere", [0, 1]) == {}
 
 
 def test_distillation_holds_only_beyond_the_spread_of_the_seeds() -> None:

@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,12 @@ def _reference(cards: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def time_interleaved(cards: list[dict[str, Any]], directory: Path, rounds: int = INTERLEAVED_ROUNDS,
-                     passes: int = INTERLEAVED_PASSES) -> dict[str, Latency]:
-    """Every card's saved model, loaded as a server loads it and timed interleaved with the others, by variant."""
-    models = {card["variant"]: load_model(directory / card["file"], card["format"]) for card in cards}
+                     passes: int = INTERLEAVED_PASSES,
+                     others: Mapping[str, tuple[Path, dict[str, Any]]] | None = None) -> dict[str, Latency]:
+    """Every card's saved model, loaded as a server loads it and timed interleaved with the others, by variant;
+    `others` (name: (directory, card)) join the same rounds under their own names."""
+    named = {card["variant"]: (directory, card) for card in cards} | dict(others or {})
+    models = {name: load_model(folder / card["file"], card["format"]) for name, (folder, card) in named.items()}
     log.info("timing %s interleaved (%d rounds of %d passes per cell)", ", ".join(models), rounds, passes)
     return measure_latency_interleaved(models, rounds=rounds, passes=passes)
 

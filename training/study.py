@@ -9,11 +9,16 @@ Reads the cards of one `make train` chain per seed (`make study` trains them) an
   * the pruning targets: at least 70 % fewer parameters, at most 0.5 pt below the full model (mean of the per-seed
     losses), at least 2× faster than the full model at batch 64 on one thread;
   * latency of every variant, timed interleaved in this one process (`training.report.time_interleaved`) on the
-    first run's models: speed is the architecture's, not the seed's.
+    first run's models: speed is the architecture's, not the seed's;
+  * the attempts (`make attempt`, one folder per attempt under `--attempts`, one `seed-N` folder per seed): other
+    recipes for the distilled or the pruned model, trained for the same seeds, each judged as the study's own run of
+    that variant is (the distilled one against the same seed's twin, the pruned one against the same seed's full
+    model), with what it changed from the study's recipe read from the cards.
 
 Usage:
     make study                                   # STUDY_SEEDS="0 1 2": make train's chain for each, then this
-    python -m training.study --runs checkpoints checkpoints/study/seed-1 checkpoints/study/seed-2
+    python -m training.study --runs checkpoints checkpoints/study/seed-1 checkpoints/study/seed-2 \
+        --attempts checkpoints/attempts
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ MIN_SEEDS = 3
 PRUNED_MIN_PARAMETER_REDUCTION = 0.70
 PRUNED_MAX_LOSS_PTS = 0.5
 PRUNED_MIN_SPEEDUP = 2.0
+# The variants an attempt may retrain, and the recipe values that name a run's own files rather than its recipe.
+ATTEMPT_VARIANTS = ("distilled", "pruned")
+PER_RUN_VALUES = {"output", "seed", "data_dir", "parent", "dry_run", "latency_repeats"}
+# What a distillation attempt may change and still be judged against the study's twin: the teaching, not the budget.
+DISTILLATION_ONLY = {"teacher", "temperature", "alpha", "attention_weight"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,22 @@ class Pruning:
 
 
 @dataclass(frozen=True)
+class Attempt:
+    """Another recipe for the distilled or pruned model over the study's seeds, judged as the study's own run of that
+    variant is (`judge_distillation`, `judge_pruning`)."""
+
+    name: str  # its folder under --attempts
+    variant: str
+    changes: dict[str, list[Any]]  # recipe value: [the study's, the attempt's], where they differ
+    parameters: int
+    accuracy: Spread  # percent
+    judged_against: str  # "the study's twin", "its own twin" (trained beside it, same budget) or "full"
+    distillation: Distillation | None
+    pruning: Pruning | None
+    holds: bool  # distillation: beyond the spread; pruning: every target met
+
+
+@dataclass(frozen=True)
 class Study:
     seeds: list[int]
     dataset: str
@@ -80,6 +106,7 @@ class Study:
     latency: dict[str, Latency]
     distillation: Distillation | None
     pruning: Pruning | None
+    attempts: list[Attempt]
 
 
 def load_runs(directories: list[Path]) -> tuple[list[int], list[dict[str, dict[str, Any]]]]:
@@ -103,30 +130,125 @@ def load_runs(directories: list[Path]) -> tuple[list[int], list[dict[str, dict[s
     return seeds, runs
 
 
-def summarise(seeds: list[int], runs: list[dict[str, dict[str, Any]]], latency: dict[str, Latency]) -> Study:
+def accuracies(cards: list[dict[str, Any]]) -> Spread:
+    return Spread.of([card["test_accuracy"] * 100 for card in cards])
+
+
+def paired(cards: list[dict[str, Any]], references: list[dict[str, Any]]) -> Spread:
+    """Per seed, in points: each card's test accuracy minus that of the reference of the same seed."""
+    return Spread.of([(card["test_accuracy"] - reference["test_accuracy"]) * 100
+                      for card, reference in zip(cards, references, strict=True)])
+
+
+def judge_distillation(distilled: list[dict[str, Any]], twins: list[dict[str, Any]]) -> Distillation:
+    """Distillation pays when the difference of the means is larger than either arm's spread over the seeds."""
+    ours, theirs = accuracies(distilled), accuracies(twins)
+    return Distillation(ours, theirs, paired(distilled, twins),
+                        beyond_spread=ours.mean - theirs.mean > max(ours.std, theirs.std))
+
+
+def judge_pruning(pruned: list[dict[str, Any]], fulls: list[dict[str, Any]], faster: float) -> Pruning:
+    reduction = 1 - pruned[0]["parameters"] / fulls[0]["parameters"]
+    loss = paired(fulls, pruned)
+    return Pruning(reduction, loss, faster, {
+        f"≥ {PRUNED_MIN_PARAMETER_REDUCTION:.0%} fewer parameters": reduction >= PRUNED_MIN_PARAMETER_REDUCTION,
+        f"≤ {PRUNED_MAX_LOSS_PTS} pt loss (mean over seeds)": loss.mean <= PRUNED_MAX_LOSS_PTS,
+        f"≥ {PRUNED_MIN_SPEEDUP:.0f}× faster at batch 64, 1 thread": faster >= PRUNED_MIN_SPEEDUP,
+    })
+
+
+def load_attempts(directory: Path, seeds: list[int]) -> dict[str, list[dict[str, dict[str, Any]]]]:
+    """Each attempt's cards by variant, one dict per study seed (in the study's order), by attempt name: a distilled
+    or a pruned card, and the attempt's own no-teacher twin on every seed where it retrained one (a changed student
+    budget). An attempt that cannot be paired seed by seed with the study is left out, with a warning."""
+    attempts: dict[str, list[dict[str, dict[str, Any]]]] = {}
+    if not directory.is_dir():
+        return attempts
+    for folder in sorted(path for path in directory.iterdir() if path.is_dir()):
+        per_seed = [{card["variant"]: card for card in load_cards(folder / f"seed-{seed}")} for seed in seeds]
+        variants = {tuple(sorted(run)) for run in per_seed}  # the same on every seed: the twin on all or none
+        kinds = [variant for variant in ATTEMPT_VARIANTS if variant in per_seed[0]]
+        seeded = all(card.get("seed") == seed for run, seed in zip(per_seed, seeds, strict=True)
+                     for card in run.values())
+        if (len(variants) == 1 and len(kinds) == 1 and seeded
+                and not any(recipe_changes(per_seed[0][kinds[0]], run[kinds[0]]) for run in per_seed)):
+            attempts[folder.name] = per_seed
+        else:
+            log.warning("attempt %s left out: it needs, in %s/seed-N for each seed %s, one distilled or pruned card "
+                        "of that seed, all of one recipe (and the twin on every seed or on none)",
+                        folder.name, folder, seeds)
+    return attempts
+
+
+def recipe_changes(reference: dict[str, Any], attempt: dict[str, Any]) -> dict[str, list[Any]]:
+    """The recipe values where the attempt's card differs from the reference card. Teachers count as how many there
+    are (their paths are each seed's own); a value only one card records (a newer script's flag) is not compared."""
+    def comparable(recipe: dict[str, Any]) -> dict[str, Any]:
+        values = {key: value for key, value in recipe.items() if key not in PER_RUN_VALUES}
+        if "teacher" in values:
+            values["teacher"] = len(values["teacher"]) if isinstance(values["teacher"], list) else 1
+        return values
+
+    ours, theirs = comparable(reference["recipe"]), comparable(attempt["recipe"])
+    return {key: [ours[key], theirs[key]] for key in sorted(ours.keys() & theirs.keys()) if ours[key] != theirs[key]}
+
+
+def attempt_name(name: str) -> str:
+    """The name an attempt's model is timed under, beside the study's variants."""
+    return f"attempt {name}"
+
+
+def needs_timing(attempt: list[dict[str, dict[str, Any]]], runs: list[dict[str, dict[str, Any]]]) -> bool:
+    """A pruned attempt of another architecture than the study's pruned model: its speed is its own."""
+    return "pruned" in attempt[0] and attempt[0]["pruned"]["model_args"] != runs[0]["pruned"]["model_args"]
+
+
+def judge_attempt(name: str, attempt: list[dict[str, dict[str, Any]]], runs: list[dict[str, dict[str, Any]]],
+                  latency: dict[str, Latency]) -> Attempt | None:
+    variant = next(v for v in ATTEMPT_VARIANTS if v in attempt[0])
+    reference = "student-baseline" if variant == "distilled" else "full"
+    if variant not in runs[0] or reference not in runs[0]:
+        log.warning("attempt %s left out: the study's runs hold no %s to judge it by",
+                    name, variant if variant not in runs[0] else reference)
+        return None
+    cards = [seed[variant] for seed in attempt]
+    changes = recipe_changes(runs[0][variant], cards[0])
+    if variant == "pruned":
+        timed = attempt_name(name) if needs_timing(attempt, runs) else "pruned"
+        pruning = judge_pruning(cards, [run["full"] for run in runs], speedup(latency, timed))
+        return Attempt(name, variant, changes, cards[0]["parameters"], accuracies(cards), "full", None, pruning,
+                       holds=all(pruning.meets.values()))
+    own_twin = reference in attempt[0]
+    if not own_twin and set(changes) - DISTILLATION_ONLY:
+        log.warning("attempt %s left out: it changes %s, the student's budget, without a twin trained beside it "
+                    "(give budget flags in STUDENT_FLAGS)", name, sorted(set(changes) - DISTILLATION_ONLY))
+        return None
+    twins = [seed[reference] for seed in attempt] if own_twin else [run[reference] for run in runs]
+    distillation = judge_distillation(cards, twins)
+    return Attempt(name, variant, changes, cards[0]["parameters"], accuracies(cards),
+                   "its own twin" if own_twin else "the study's twin", distillation, None,
+                   holds=distillation.beyond_spread)
+
+
+def summarise(seeds: list[int], runs: list[dict[str, dict[str, Any]]], latency: dict[str, Latency],
+              attempts: dict[str, list[dict[str, dict[str, Any]]]] | None = None) -> Study:
     variants = list(runs[0])
     accuracy = {v: Spread.of([run[v]["test_accuracy"] * 100 for run in runs]) for v in variants}
     parameters = {v: runs[0][v]["parameters"] for v in variants}
 
-    def paired(a: str, b: str) -> Spread:
-        return Spread.of([(run[a]["test_accuracy"] - run[b]["test_accuracy"]) * 100 for run in runs])
+    def of(variant: str) -> list[dict[str, Any]]:
+        return [run[variant] for run in runs]
 
     distillation = None
     if {"distilled", "student-baseline"} <= set(variants):
-        distilled, twin = accuracy["distilled"], accuracy["student-baseline"]
-        distillation = Distillation(distilled, twin, paired("distilled", "student-baseline"),
-                                    beyond_spread=distilled.mean - twin.mean > max(distilled.std, twin.std))
+        distillation = judge_distillation(of("distilled"), of("student-baseline"))
     pruning = None
     if {"full", "pruned"} <= set(variants):
-        reduction = 1 - parameters["pruned"] / parameters["full"]
-        loss = paired("full", "pruned")
-        faster = speedup(latency, "pruned")
-        pruning = Pruning(reduction, loss, faster, {
-            f"≥ {PRUNED_MIN_PARAMETER_REDUCTION:.0%} fewer parameters": reduction >= PRUNED_MIN_PARAMETER_REDUCTION,
-            f"≤ {PRUNED_MAX_LOSS_PTS} pt loss (mean over seeds)": loss.mean <= PRUNED_MAX_LOSS_PTS,
-            f"≥ {PRUNED_MIN_SPEEDUP:.0f}× faster at batch 64, 1 thread": faster >= PRUNED_MIN_SPEEDUP,
-        })
-    return Study(seeds, runs[0][variants[0]]["dataset"], accuracy, parameters, latency, distillation, pruning)
+        pruning = judge_pruning(of("pruned"), of("full"), speedup(latency, "pruned"))
+    judged = [judge_attempt(name, attempt, runs, latency) for name, attempt in (attempts or {}).items()]
+    return Study(seeds, runs[0][variants[0]]["dataset"], accuracy, parameters,
+                 {name: table for name, table in latency.items() if name in accuracy}, distillation, pruning,
+                 [attempt for attempt in judged if attempt is not None])
 
 
 def markdown(study: Study, rounds: int) -> str:
@@ -161,8 +283,38 @@ def markdown(study: Study, rounds: int) -> str:
                   f"{p.speedup_b64_1_thread:.2f}× faster at batch 64 on one thread (interleaved).", ""]
         lines += [f"- {target}: {'met' if met else 'missed'}" for target, met in p.meets.items()]
         lines.append("")
+    if study.attempts:
+        lines += attempts_markdown(study)
     lines.append("![accuracy over seeds](study.png)")
     return "\n".join(lines) + "\n"
+
+
+def attempts_markdown(study: Study) -> list[str]:
+    lines = ["## Attempts (`make attempt`), over the same seeds", "",
+             "Each is judged as the study's own run of its variant: the distilled student against the same seed's "
+             "no-teacher twin (the difference of the means beyond either arm's spread), the pruned model against the "
+             "same seed's full model (the three pruning targets; speed from the same interleaved timing).", "",
+             "| attempt | variant | changed from the study's recipe | params | test acc. %, mean ± std | "
+             "against, pts (per seed) | |",
+             "|---|---|---|---|---|---|---|"]
+    for attempt in study.attempts:
+        changes = "; ".join(f"{key} {old} → {new}" for key, (old, new) in attempt.changes.items()) or "nothing"
+        if attempt.distillation is not None:
+            difference = attempt.distillation.difference
+            against = f"Δ vs {attempt.judged_against} {difference.pts()}"
+            verdict = "beats the twin beyond the spread" if attempt.holds else "does not beat the twin"
+        else:
+            assert attempt.pruning is not None
+            pruning = attempt.pruning
+            difference = pruning.loss
+            against = f"loss vs full {difference.pts()}"
+            verdict = (f"{pruning.parameter_reduction:.1%} fewer parameters, {pruning.speedup_b64_1_thread:.2f}× "
+                       "faster: " + ("meets the targets" if attempt.holds else "misses " + ", ".join(
+                           target for target, met in pruning.meets.items() if not met)))
+        lines.append(f"| {attempt.name} | {attempt.variant} | {changes} | {attempt.parameters:,} | "
+                     f"{attempt.accuracy.pts()} | {against} (" + ", ".join(f"{v:+.2f}" for v in difference.values)
+                     + f") | {verdict} |")
+    return [*lines, ""]
 
 
 def plot(study: Study, path: Path) -> None:
@@ -199,6 +351,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=Path("reports/study"))
     parser.add_argument("--rounds", type=int, default=INTERLEAVED_ROUNDS, help="interleaved timing rounds per cell")
     parser.add_argument("--min-seeds", type=int, default=MIN_SEEDS)
+    parser.add_argument("--attempts", type=Path, default=None,
+                        help="a folder of attempts (`make attempt`): NAME/seed-N/ per attempt and seed")
     return parser
 
 
@@ -212,8 +366,11 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as error:
         log.error("%s", error)
         return 1
-    latency = time_interleaved(list(runs[0].values()), args.runs[0], rounds=args.rounds)
-    study = summarise(seeds, runs, latency)
+    attempts = load_attempts(args.attempts, seeds) if args.attempts is not None else {}
+    others = {attempt_name(name): (args.attempts / name / f"seed-{seeds[0]}", attempt[0]["pruned"])
+              for name, attempt in attempts.items() if "pruned" in runs[0] and needs_timing(attempt, runs)}
+    latency = time_interleaved(list(runs[0].values()), args.runs[0], rounds=args.rounds, others=others)
+    study = summarise(seeds, runs, latency, attempts)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "study.md").write_text(markdown(study, args.rounds))
     (args.output_dir / "study.json").write_text(json.dumps(asdict(study), indent=2) + "\n")
