@@ -118,13 +118,13 @@ attempt: | $(STAMP)  ## another distilled or pruned recipe over STUDY_SEEDS, jud
 $(CKPT)/full.pt: training/train.py $(CORE) | $(STAMP)
 	$(PY) -m training.train --dataset $(DATASET) --data-dir $(DATA_DIR) --seed $(SEED) --output $@ $(TRAIN_FLAGS)
 
-$(CKPT)/pruned.pt: $(CKPT)/full.pt training/prune.py $(CORE)
+$(CKPT)/pruned.pt: $(CKPT)/full.pt training/prune.py training/teaching.py $(CORE)
 	$(PY) -m training.prune --dataset $(DATASET) --data-dir $(DATA_DIR) --seed $(SEED) --parent $< --output $@ $(PRUNE_FLAGS)
 
 $(CKPT)/int8.pt: $(CKPT)/full.pt training/quantize.py $(CORE)
 	$(PY) -m training.quantize --dataset $(DATASET) --data-dir $(DATA_DIR) --seed $(SEED) --parent $< --output $@ $(QUANT_FLAGS)
 
-$(CKPT)/distilled.pt: $(CKPT)/full.pt training/distill.py $(CORE)
+$(CKPT)/distilled.pt: $(CKPT)/full.pt training/distill.py training/teaching.py $(CORE)
 	$(PY) -m training.distill --dataset $(DATASET) --data-dir $(DATA_DIR) --seed $(SEED) --teacher $< --output $@ $(STUDENT_FLAGS) $(DISTILL_FLAGS)
 
 $(TWIN): training/train.py $(CORE) | $(STAMP)

@@ -98,8 +98,7 @@ def test_the_study_judges_each_attempt_as_its_own_run_of_the_variant_is(chain: C
     attempts = tmp_path / "attempts"
     for seed, gain in zip(seeds, (0.004, 0.005, 0.006), strict=True):  # +0.5 pt over the twin, spread 0.1
         twin = twins[seeds.index(seed)]
-        attempt_run(chain, attempts / "attention" / f"seed-{seed}", seed, {"distilled": twin + gain},
-                    attention_weight=1000.0)
+        attempt_run(chain, attempts / "alpha" / f"seed-{seed}", seed, {"distilled": twin + gain}, alpha=0.25)
         # A longer budget for both students: judged against its own twin (here 0.5 pt better), not the study's.
         attempt_run(chain, attempts / "longer" / f"seed-{seed}", seed,
                     {"distilled": twin + gain, "student-baseline": twin + 0.005}, ("distilled", "student_baseline"),
@@ -111,11 +110,11 @@ def test_the_study_judges_each_attempt_as_its_own_run_of_the_variant_is(chain: C
     run_module("training.study", "--runs", *map(str, runs), "--output-dir", str(output), "--rounds", "1",
                "--attempts", str(attempts))
     judged = {attempt["name"]: attempt for attempt in json.loads((output / "study.json").read_text())["attempts"]}
-    assert set(judged) == {"attention", "longer", "finetune"}  # the unfinished one cannot be paired by seed
-    attention, longer, finetune = judged["attention"], judged["longer"], judged["finetune"]
-    assert attention["changes"] == {"attention_weight": [0.0, 1000.0]}
-    assert attention["distillation"]["difference"]["values"] == pytest.approx([0.4, 0.5, 0.6])
-    assert attention["judged_against"] == "the study's twin" and attention["holds"] is True
+    assert set(judged) == {"alpha", "longer", "finetune"}  # the unfinished one cannot be paired by seed
+    alpha, longer, finetune = judged["alpha"], judged["longer"], judged["finetune"]
+    assert alpha["changes"] == {"alpha": [chain.card("distilled")["recipe"]["alpha"], 0.25]}
+    assert alpha["distillation"]["difference"]["values"] == pytest.approx([0.4, 0.5, 0.6])
+    assert alpha["judged_against"] == "the study's twin" and alpha["holds"] is True
     assert longer["changes"] == {"epochs": [chain.card("distilled")["recipe"]["epochs"], 12]}
     assert longer["judged_against"] == "its own twin" and longer["holds"] is False  # level with its own twin
     assert longer["distillation"]["difference"]["values"] == pytest.approx([-0.1, 0.0, 0.1])
@@ -126,7 +125,7 @@ def test_the_study_judges_each_attempt_as_its_own_run_of_the_variant_is(chain: C
     assert finetune["changes"] == {"epochs": [chain.card("pruned")["recipe"]["epochs"], 3]}
     assert finetune["holds"] is all(finetune["pruning"]["meets"].values())
     table = (output / "study.md").read_text()
-    assert "| attention | distilled | attention_weight 0.0 → 1000.0 |" in table
+    assert f"| alpha | distilled | alpha {chain.card('distilled')['recipe']['alpha']} → 0.25 |" in table
     assert "Δ vs the study's twin 0.50 ± 0.10 (+0.40, +0.50, +0.60) | beats the twin beyond the spread |" in table
     assert "| longer | distilled | epochs" in table
     assert "Δ vs its own twin 0.00 ± 0.10 (-0.10, +0.00, +0.10) | does not beat the twin |" in table

@@ -32,6 +32,7 @@ from training.cli import (
 )
 from training.engine import Criterion, CrossEntropy, DistillationLoss, evaluate
 from training.recipes import FINETUNE_RECIPE
+from training.teaching import AttentionTransfer
 
 log = logging.getLogger(__name__)
 
@@ -126,19 +127,26 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--kd-alpha", type=float, default=0.8,
                         help="weight of distillation from the unpruned parent while fine-tuning (0: plain CE)")
     parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument("--attention-weight", type=float, default=0.0,
+                        help="β of attention transfer from the parent while fine-tuning (training.teaching; 0: off)")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.attention_weight and not args.kd_alpha > 0:
+        log.error("--attention-weight needs distillation from the parent (--kd-alpha > 0)")
+        return 2
     run = prepare_run(args, FINETUNE_RECIPE)
     parent = load_parent(args.parent)
     pruned = prune_cnn(parent, args.conv_keep, args.fc_keep)
     before_finetune = evaluate(pruned, run.test).accuracy
     log.info("pruned %d -> %d parameters; accuracy before fine-tuning %.4f",
              count_parameters(parent), count_parameters(pruned), before_finetune)
-    criterion: Criterion = (
-        DistillationLoss(parent, args.temperature, args.kd_alpha) if args.kd_alpha > 0 else CrossEntropy(0.0)
-    )
+    criterion: Criterion = CrossEntropy(0.0)
+    if args.kd_alpha > 0:
+        criterion = distillation = DistillationLoss(parent, args.temperature, args.kd_alpha)
+        if args.attention_weight:
+            criterion = AttentionTransfer(distillation, pruned, args.attention_weight)
     extra = {
         "parent_parameters": count_parameters(parent),
         "accuracy_before_finetune": before_finetune,

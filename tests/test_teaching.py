@@ -1,5 +1,5 @@
-"""training.distill's teachers beyond one checkpoint: an ensemble of several, and attention transfer (the
-intermediate-feature term). The distillation loss itself is tested in tests/test_engine.py."""
+"""training.teaching: teachers beyond one checkpoint (an ensemble) and beyond logits (attention transfer), as
+training.distill and training.prune use them. The distillation loss itself is tested in tests/test_engine.py."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from torch import nn
 
 from fashion_cnn import FULL_CONFIG, STUDENT_CONFIG, CNNConfig, FashionCNN, sha256_file
 from tests.conftest import Chain, run_module
-from training.distill import AttentionTransfer, BlockOutputs, Ensemble, attention_map, members_of
 from training.engine import DistillationLoss
+from training.teaching import AttentionTransfer, BlockOutputs, Ensemble, attention_map, members_of
 
 
 def models(*configs: CNNConfig, seed: int = 0) -> list[FashionCNN]:
@@ -97,3 +97,16 @@ def test_the_script_distils_from_an_ensemble_with_attention_transfer(chain: Chai
     assert card["teacher_ensemble"] == [card["parent"], card["parent"]]
     assert card["teacher_parameters"] == 2 * chain.card("full")["parameters"]
     assert card["recipe"]["teacher"] == [str(full), str(full)] and card["recipe"]["attention_weight"] == 1000.0
+
+
+def test_pruning_fine_tunes_with_attention_transfer_from_its_parent_only_while_distilling(
+        chain: Chain, tmp_path: Path) -> None:
+    full, output = chain.weights("full"), tmp_path / "pruned.pt"
+    run_module("training.prune", "--dry-run", "--parent", str(full), "--attention-weight", "500", "--output",
+               str(output))
+    card = json.loads(output.with_suffix(".card.json").read_text())
+    assert card["recipe"]["attention_weight"] == 500.0 and card["parameters"] == chain.card("pruned")["parameters"]
+    refused = run_module("training.prune", "--dry-run", "--parent", str(full), "--attention-weight", "500",
+                         "--kd-alpha", "0", "--output", str(tmp_path / "other.pt"), check=False)
+    assert refused.returncode == 2 and "needs distillation from the parent" in refused.stderr
+    assert not (tmp_path / "other.pt").exists()
