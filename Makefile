@@ -25,7 +25,7 @@ STUDY_DIR     ?= $(CKPT)/study
 study_run = $(if $(filter $(SEED),$(1)),$(CKPT),$(STUDY_DIR)/seed-$(1))
 # `make attempt`: another recipe for the distilled or pruned model over the study's seeds, into
 # $(ATTEMPTS_DIR)/NAME/seed-N; `make study` judges each beside its own run (docs/training.md). E.g.
-#   make attempt NAME=attention ATTEMPT=distill ATTEMPT_FLAGS="--attention-weight 1000"
+#   make attempt NAME=logits-only ATTEMPT=distill ATTEMPT_FLAGS="--attention-weight 0"
 #   make attempt NAME=ensemble ATTEMPT=distill TEACHERS=all      # every study seed's full model teaches, as one
 #   make attempt NAME=12-epochs ATTEMPT=distill STUDENT_FLAGS="--epochs 12"   # retrains the twin beside it too
 #   make attempt NAME=finetune-3 ATTEMPT=prune ATTEMPT_FLAGS="--finetune-epochs 3"

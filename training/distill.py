@@ -52,7 +52,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T")
     parser.add_argument("--alpha", type=float, default=0.9, help="weight of the soft (teacher) term")
     # Attention transfer made distillation beat its no-teacher twin over three seeds, where logits alone lost
-    # (docs/training.md#results; `make attempt NAME=no-attention ATTEMPT_FLAGS="--attention-weight 0"`).
+    # (docs/training.md#results; `make attempt NAME=logits-only ATTEMPT_FLAGS="--attention-weight 0"`).
     parser.add_argument("--attention-weight", type=float, default=1000.0,
                         help="β of attention transfer, the intermediate-feature term (0: off; 1000 as in the paper)")
     return parser

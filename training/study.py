@@ -233,11 +233,12 @@ def judge_attempt(name: str, attempt: list[dict[str, dict[str, Any]]], runs: lis
 def summarise(seeds: list[int], runs: list[dict[str, dict[str, Any]]], latency: dict[str, Latency],
               attempts: dict[str, list[dict[str, dict[str, Any]]]] | None = None) -> Study:
     variants = list(runs[0])
-    accuracy = {v: Spread.of([run[v]["test_accuracy"] * 100 for run in runs]) for v in variants}
-    parameters = {v: runs[0][v]["parameters"] for v in variants}
 
     def of(variant: str) -> list[dict[str, Any]]:
         return [run[variant] for run in runs]
+
+    accuracy = {v: accuracies(of(v)) for v in variants}
+    parameters = {v: runs[0][v]["parameters"] for v in variants}
 
     distillation = None
     if {"distilled", "student-baseline"} <= set(variants):
