@@ -94,8 +94,8 @@ def test_pruned_is_physically_smaller(chain: Chain) -> None:
     model = load_model(chain.weights("pruned"), FORMAT_STATE_DICT)
     assert sum(p.numel() for p in model.parameters()) == pruned["parameters"]
     recipe, full_args = pruned["recipe"], full["model_args"]
-    assert pruned["model_args"]["conv1"] == kept_count(full_args["conv1"], recipe["conv_keep"])
-    assert pruned["model_args"]["conv2"] == kept_count(full_args["conv2"], recipe["conv_keep"])
+    assert pruned["model_args"]["conv1"] == kept_count(full_args["conv1"], recipe["conv1_keep"])
+    assert pruned["model_args"]["conv2"] == kept_count(full_args["conv2"], recipe["conv2_keep"])
     assert pruned["model_args"]["hidden"] == kept_count(full_args["hidden"], recipe["fc_keep"])
 
 

@@ -163,6 +163,14 @@ def test_recipe_changes_count_teachers_and_ignore_each_runs_own_paths() -> None:
     assert recipe_changes(study, {"recipe": {**study["recipe"], "teacher": ["z/full.pt"], "seed": 4}}) == {}
 
 
+def test_recipe_changes_name_what_the_model_itself_changed() -> None:
+    """A pruned card from before --dropout existed records no dropout in its recipe, only in its model_args."""
+    study = {"recipe": {"conv1_keep": 0.5, "dropout": 0.0}, "model_args": {"conv1": 32, "dropout": 0.0}}
+    older = {"recipe": {"conv1_keep": 0.625}, "model_args": {"conv1": 40, "dropout": 0.3}}
+    assert recipe_changes(study, older) == {"conv1_keep": [0.5, 0.625], "model_args.conv1": [32, 40],
+                                            "model_args.dropout": [0.0, 0.3]}
+
+
 def test_an_attempt_missing_a_seed_or_holding_two_variants_is_left_out(chain: Chain, tmp_path: Path) -> None:
     for seed in (0, 1):
         attempt_run(chain, tmp_path / "both" / f"seed-{seed}", seed, {"distilled": 0.9, "pruned": 0.9},

@@ -6,7 +6,7 @@ smaller and faster. (`torch.nn.utils.prune` masks only zero entries of dense ten
 
 Usage:
     python -m training.prune --parent checkpoints/full.pt          # -> checkpoints/pruned.pt + card
-    python -m training.prune --parent checkpoints/full.pt --conv-keep 0.4 --fc-keep 0.3
+    python -m training.prune --parent checkpoints/full.pt --conv1-keep 0.5 --conv2-keep 0.75 --fc-keep 0.3
     python -m training.prune --dry-run --parent /tmp/full.pt --output /tmp/pruned.pt
 """
 
@@ -59,6 +59,15 @@ def kept_count(total: int, ratio: float, multiple: int = CHANNEL_MULTIPLE) -> in
 
 
 @dataclass(frozen=True)
+class KeepRatios:
+    """The fraction of each layer that survives: conv1's filters, conv2's filters, the hidden fc units."""
+
+    conv1: float
+    conv2: float
+    hidden: float
+
+
+@dataclass(frozen=True)
 class KeptIndices:
     """Which conv1 filters, conv2 filters and hidden fc units survive, in their original order."""
 
@@ -87,22 +96,24 @@ def _fc1_columns(kept_conv2: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def select_kept(model: FashionCNN, conv_keep: float, fc_keep: float) -> KeptIndices:
+def select_kept(model: FashionCNN, keep: KeepRatios) -> KeptIndices:
     """Rank each layer's filters/units by L1 norm over the inputs that survive the layer before."""
     conv1, conv2, fc1, _ = _layers(model)
     config = model.config
-    keep1 = _strongest(conv1.weight, kept_count(config.conv1, conv_keep))
-    keep2 = _strongest(conv2.weight[:, keep1], kept_count(config.conv2, conv_keep))
-    units = _strongest(fc1.weight[:, _fc1_columns(keep2)], kept_count(config.hidden, fc_keep))
+    keep1 = _strongest(conv1.weight, kept_count(config.conv1, keep.conv1))
+    keep2 = _strongest(conv2.weight[:, keep1], kept_count(config.conv2, keep.conv2))
+    units = _strongest(fc1.weight[:, _fc1_columns(keep2)], kept_count(config.hidden, keep.hidden))
     return KeptIndices(keep1, keep2, units)
 
 
 @torch.no_grad()
-def prune_cnn(model: FashionCNN, conv_keep: float, fc_keep: float) -> FashionCNN:
-    """A new FashionCNN holding the strongest `conv_keep` of each conv's filters and `fc_keep` of fc units."""
-    kept = select_kept(model, conv_keep, fc_keep)
+def prune_cnn(model: FashionCNN, keep: KeepRatios, dropout: float | None = None) -> FashionCNN:
+    """A new FashionCNN holding the strongest filters and units of each layer, in the fractions `keep` gives, with
+    the parent's dropout unless `dropout` is given."""
+    kept = select_kept(model, keep)
     conv1, conv2, fc1, fc2 = _layers(model)
-    pruned = FashionCNN(replace(model.config, conv1=len(kept.conv1), conv2=len(kept.conv2), hidden=len(kept.hidden)))
+    pruned = FashionCNN(replace(model.config, conv1=len(kept.conv1), conv2=len(kept.conv2), hidden=len(kept.hidden),
+                                dropout=model.config.dropout if dropout is None else dropout))
     new_conv1, new_conv2, new_fc1, new_fc2 = _layers(pruned)
     new_conv1.weight.copy_(conv1.weight[kept.conv1])
     _bias(new_conv1).copy_(_bias(conv1)[kept.conv1])
@@ -120,10 +131,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_common_args(parser, output="pruned.pt")
     add_training_args(parser, {"fine-tuning": FINETUNE_RECIPE}, epochs_flag="--finetune-epochs")
     add_parent_arg(parser, "--parent", help="the trained full model to prune")
-    # 40/80 filters and 320 units: over 2x faster than the full model at batch 64 on one thread of this project's
-    # AVX2 CPU (`make report`); 48/96/320, the earlier default, ran just under 2x there.
-    parser.add_argument("--conv-keep", type=float, default=0.625, help="fraction of each conv's filters kept")
+    # 32/96 filters and 320 units: conv1's wide 28×28 output costs the most time per parameter. Over three seeds
+    # 32/96/320 lost no more accuracy than 40/80/320, the earlier default, and ran faster: 40/80/320 was just under 2x
+    # faster than the full model at batch 64 on one AVX-512 thread (docs/training.md, the pruning attempts).
+    parser.add_argument("--conv1-keep", type=float, default=0.5, help="fraction of conv1's filters kept")
+    parser.add_argument("--conv2-keep", type=float, default=0.75, help="fraction of conv2's filters kept")
     parser.add_argument("--fc-keep", type=float, default=0.32, help="fraction of the hidden fc units kept")
+    # The parent's dropout (0.3) cost the two-epoch fine-tune about half a point: 0.63 against 0.19 pts of loss
+    # over three seeds (docs/training.md).
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="the pruned model's dropout (it acts only while fine-tuning)")
     parser.add_argument("--kd-alpha", type=float, default=0.8,
                         help="weight of distillation from the unpruned parent while fine-tuning (0: plain CE)")
     parser.add_argument("--temperature", type=float, default=4.0)
@@ -138,7 +155,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     run = prepare_run(args, FINETUNE_RECIPE)
     parent = load_parent(args.parent)
-    pruned = prune_cnn(parent, args.conv_keep, args.fc_keep)
+    pruned = prune_cnn(parent, KeepRatios(args.conv1_keep, args.conv2_keep, args.fc_keep), args.dropout)
     before_finetune = evaluate(pruned, run.test).accuracy
     log.info("pruned %d -> %d parameters; accuracy before fine-tuning %.4f",
              count_parameters(parent), count_parameters(pruned), before_finetune)

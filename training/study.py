@@ -181,15 +181,17 @@ def load_attempts(directory: Path, seeds: list[int]) -> dict[str, list[dict[str,
 
 
 def recipe_changes(reference: dict[str, Any], attempt: dict[str, Any]) -> dict[str, list[Any]]:
-    """The recipe values where the attempt's card differs from the reference card. Teachers count as how many there
-    are (their paths are each seed's own); a value only one card records (a newer script's flag) is not compared."""
-    def comparable(recipe: dict[str, Any]) -> dict[str, Any]:
-        values = {key: value for key, value in recipe.items() if key not in PER_RUN_VALUES}
+    """The recipe values where the attempt's card differs from the reference card, and the model's own arguments
+    (`model_args.…`: its widths, or a dropout taken from the parent before a flag recorded it). Teachers count as how
+    many there are (their paths are each seed's own); a value only one card records (a newer script's flag) is not
+    compared."""
+    def comparable(card: dict[str, Any]) -> dict[str, Any]:
+        values = {key: value for key, value in card["recipe"].items() if key not in PER_RUN_VALUES}
         if "teacher" in values:
             values["teacher"] = len(values["teacher"]) if isinstance(values["teacher"], list) else 1
-        return values
+        return values | {f"model_args.{key}": value for key, value in card.get("model_args", {}).items()}
 
-    ours, theirs = comparable(reference["recipe"]), comparable(attempt["recipe"])
+    ours, theirs = comparable(reference), comparable(attempt)
     return {key: [ours[key], theirs[key]] for key in sorted(ours.keys() & theirs.keys()) if ours[key] != theirs[key]}
 
 
