@@ -172,6 +172,31 @@ def test_the_torchserve_configmap_loads_exactly_the_declared_models(rendered: di
     assert f"COPY --chown=10001:10001 model_store/*.mar {manifests.POD_MODEL_STORE}/" in dockerfile
 
 
+# Measured by `python -m loadtest.pod_memory` on `make serve`'s stack (docs/kubernetes.md): proportional set size.
+WORKER_PSS_MIB = 336
+FRONTEND_PSS_MIB = 576
+
+
+def mebibytes(quantity: str) -> int:
+    units = {"Mi": 1, "Gi": 1024}
+    match = re.fullmatch(r"(\d+)(Mi|Gi)", quantity)
+    assert match, f"memory quantity {quantity!r}: give it in Mi or Gi"
+    return int(match[1]) * units[match[2]]
+
+
+def test_the_torchserve_pod_has_the_memory_its_declared_workers_were_measured_at(
+        rendered: dict[str, Objects]) -> None:
+    """Each declared model's workers (serving/models.yaml × handlers/model_configs/) at their measured size: a
+    model added to the models file without a larger pod would be OOM-killed."""
+    workers = sum(len(entry.versions) * yaml.safe_load((MODEL_CONFIGS / f"{entry.variant}.yaml").read_text())[
+        "maxWorkers"] for entry in read_models(DEFAULT_MODELS_FILE))
+    for objects in rendered.values():
+        container = one(objects, "Deployment", "torchserve")["spec"]["template"]["spec"]["containers"][0]
+        resources = container["resources"]
+        assert resources["requests"]["memory"] == resources["limits"]["memory"]  # Guaranteed QoS
+        assert mebibytes(resources["limits"]["memory"]) >= workers * WORKER_PSS_MIB + FRONTEND_PSS_MIB, workers
+
+
 def pinned(requirement_name: str) -> str:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     for requirement in project["dependencies"]:
