@@ -756,9 +756,15 @@ def test_v2_requests_are_logged_sticky_pinnable_shadowed_and_judged_like_the_oth
     assert {row["arm"]: row["feedback"] for row in stack.report("fashion")["arms"]}["full"] == feedback_after["full"]
 
     # shadowed: a one-image v2 request is copied to the shadow (the same weights under version 2.0) and agrees;
-    # a batch is not copied (one agreement for N images would weigh it as one)
+    # a batch is not copied (one agreement for N images would weigh it as one). The shadowed experiment is an OIP
+    # model like the others: ready, and described by the same signature.
     for protocol in ("rest", "grpc"):
-        mirrored = tritons[protocol].infer("mirrored", images8[:1], "UINT8")
+        client = tritons[protocol]
+        assert client.client.is_model_ready("mirrored", "", headers=client.headers())
+        described = client.metadata("mirrored")
+        assert (described["name"], described["outputs"]) == ("mirrored", SIGNATURE["outputs"])
+        assert [entry["name"] for entry in described["inputs"]] == [entry["name"] for entry in SIGNATURE["inputs"]]
+        mirrored = client.infer("mirrored", images8[:1], "UINT8")
         assert mirrored.labels() == expected["full"][:1]
     assert tritons["rest"].infer("mirrored", images8[:4], "UINT8").labels() == expected["full"][:4]
     assert tritons["grpc"].infer("mirrored", images8[1:2], "UINT8").labels() == expected["full"][1:2]
