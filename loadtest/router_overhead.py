@@ -50,7 +50,7 @@ import psutil
 from PIL import Image
 
 from loadtest.workload import Endpoint
-from router.config import load_config
+from router.config import Arm, Experiment, load_config
 from router.open_inference import BINARY_HEADER, TensorRequest
 from router.process import base_url, running_pid
 from router.stats import percentile
@@ -299,12 +299,24 @@ def grpc_request(protocol: str, path: str, target: Endpoint, image: Path, png: b
     return service, v2_grpc_request(target.model, "" if service == "torchserve-v2" else version, image)
 
 
+def pinned_arm(experiment: Experiment, model: str | None) -> Arm:
+    """The arm whose target is `model`, or the experiment's `full` arm (its first, if it has none): whatever form
+    `make bench` chose to serve it, ONNX or PyTorch."""
+    if model is None:
+        return next((arm for arm in experiment.arms if arm.name == "full"), experiment.arms[0])
+    for arm in experiment.arms:
+        if arm.target.model == model:
+            return arm
+    raise SystemExit(f"{model} serves no arm of experiment {experiment.name}: its arms serve "
+                     + ", ".join(arm.target.model for arm in experiment.arms))
+
+
 def measure(args: argparse.Namespace) -> tuple[list[Result], list[FixedRate]]:
     instance = server.Instance.load(args.run_dir.resolve())
     config = load_config(args.router_config)
     tokens = load_tokens(config.tokens_file)
     experiment = config.experiments[args.experiment]
-    arm = next(a for a in experiment.arms if a.target.model == args.model)
+    arm = pinned_arm(experiment, args.model)
     endpoints = {
         "direct": Endpoint("direct", instance.inference_url, instance.grpc_target, instance.token(),
                            arm.target.model, arm.target.version),
@@ -456,7 +468,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", type=Path, default=server.DEFAULT_RUN_DIR)
     parser.add_argument("--router-config", type=Path, default=REPO / "router" / "experiments.yaml")
     parser.add_argument("--experiment", default="fashion")
-    parser.add_argument("--model", default="fashion-full", help="the arm serving this model is pinned")
+    parser.add_argument("--model", default=None,
+                        help="the arm serving this model is pinned (default: the experiment's full arm)")
     parser.add_argument("--image", type=Path, default=REPO / "runs" / "examples" / "sneaker.png")
     parser.add_argument("--connections", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--duration-s", type=float, default=8.0)

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.router_overhead import pinned_arm
 from loadtest.workload import read_samples, summarize, users_for_rate
+from router.config import load_config
 from serving import server
 from serving.project import REPO
 from tests.conftest import Chain
@@ -109,3 +111,12 @@ def test_the_loadtest_driver_writes_the_summary_and_plots(torchserve: server.Ins
     assert (tmp_path / "accuracy_p99_size.png").stat().st_size > 1000
     outcome = json.loads((tmp_path / "step-int8-rest-direct" / "outcome.json").read_text())
     assert outcome["exit_code"] == 0 and len(outcome["steps"]) >= 2
+
+
+def test_the_router_overhead_pins_the_full_arm_whatever_form_serves_it() -> None:
+    """`make bench` chooses each arm's form (ONNX or PyTorch): the overhead's pinned arm follows the choice."""
+    fashion = load_config(REPO / "router" / "experiments.yaml").experiments["fashion"]
+    assert pinned_arm(fashion, None).name == "full"
+    assert pinned_arm(fashion, fashion.arms[1].target.model) == fashion.arms[1]
+    with pytest.raises(SystemExit, match="serves no arm of experiment fashion"):
+        pinned_arm(fashion, "fashion-nothing")
