@@ -18,10 +18,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import requests
 
-from loadtest.workload import REPO, model_workers
+from loadtest.workload import REPO, model_workers, resident_mb
 from serving import server
 from serving.client import prediction_path
 from serving.models_file import DEFAULT_MODELS_FILE, read_models
@@ -83,7 +82,7 @@ def measure(instance: server.Instance, image: Path, requests_each: int) -> tuple
     return models, PodMemory(
         workers=len(workers),
         workers_pss_mb=sum(proportional_mb(pid) for pid in workers),
-        workers_rss_mb=sum(psutil.Process(pid).memory_info().rss for pid in workers) / (1 << 20),
+        workers_rss_mb=sum(resident_mb(pid) for pid in workers),
         frontend_pss_mb=proportional_mb(frontend),
     )
 
