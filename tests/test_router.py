@@ -107,11 +107,27 @@ def until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
         time.sleep(0.2)
 
 
-def scale(instance: server.Instance, model: str, workers: int) -> None:
-    response = requests.put(f"{instance.management_url}/models/{model}/1.0",
-                            params={"min_worker": workers, "max_worker": workers, "synchronous": "true"},
-                            headers=instance.headers("management"), timeout=60)
-    assert response.status_code == 200, response.text
+def scale(instance: server.Instance, model: str, workers: int, attempts: int = 5) -> None:
+    """Scale `model` 1.0 to `workers` workers and wait until TorchServe lists that many.
+
+    Under load, TorchServe 0.12's frontend can answer a scale request with a 500 ConcurrentModificationException
+    (its worker map changed while it was walking it); the request is idempotent, so it is sent again."""
+    url = f"{instance.management_url}/models/{model}/1.0"
+    params: dict[str, str | int] = {"min_worker": workers, "max_worker": workers, "synchronous": "true"}
+    for _ in range(attempts):
+        response = requests.put(url, params=params, headers=instance.headers("management"), timeout=60)
+        if response.status_code == 200:
+            break
+        assert response.status_code == 500 and "ConcurrentModificationException" in response.text, response.text
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"scaling {model} to {workers} failed {attempts} times: {response.text}")
+
+    def listed() -> int:
+        described = requests.get(url, headers=instance.headers("management"), timeout=10).json()
+        return len(described[0]["workers"])
+
+    until(lambda: listed() == workers)
 
 
 def launch(instance: server.Instance, root: Path, experiments: dict[str, Any], **settings: Any) -> Stack:
