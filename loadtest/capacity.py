@@ -121,7 +121,17 @@ def main(args: argparse.Namespace) -> int:
     if "router_cpu_us" not in bench or "cores" not in bench:
         log.error("%s has no router CPU or core count: it is from an older `make bench`; run it again", args.bench)
         return 1
-    experiment = load_config(args.experiments).experiments[args.experiment]
+    experiments = load_config(args.experiments).experiments
+    if args.experiment not in experiments:
+        log.error("no experiment %r in %s: it has %s", args.experiment, args.experiments, ", ".join(experiments))
+        return 1
+    experiment = experiments[args.experiment]
+    measured = {model_name(variant) for variant in bench["served"]}
+    unmeasured = sorted({arm.target.model for arm in experiment.arms} - measured)
+    if unmeasured:
+        log.error("%s has no throughput for %s, which experiment %r routes to: run `make bench` with the models "
+                  "`make serve` serves now", args.bench, ", ".join(unmeasured), args.experiment)
+        return 1
     sizing = Sizing(args.pod_cpus, args.router_pod_cpus, args.utilization, args.p99_ms)
     publish(table(bench, experiment, sizing), args.output)
     return 0

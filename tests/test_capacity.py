@@ -57,3 +57,18 @@ def test_an_old_bench_file_is_refused_with_the_fix(tmp_path: Path) -> None:
     args = capacity.get_args_parser().parse_args(["--bench", str(bench), "--output", str(tmp_path / "c.md")])
     assert capacity.main(args) == 1
     assert not (tmp_path / "c.md").exists()
+
+
+def test_an_experiment_the_bench_did_not_measure_or_does_not_know_is_refused_by_name(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps(BENCH))  # full and int8 only: the repository's experiment routes to ONNX forms
+    output = tmp_path / "c.md"
+    args = capacity.get_args_parser().parse_args(["--bench", str(bench), "--output", str(output)])
+    assert capacity.main(args) == 1
+    assert f"has no throughput for fashion-distilled{ONNX_SUFFIX}, fashion-full{ONNX_SUFFIX}" in caplog.text
+    args = capacity.get_args_parser().parse_args(["--bench", str(bench), "--output", str(output),
+                                                  "--experiment", "nope"])
+    assert capacity.main(args) == 1
+    assert "no experiment 'nope'" in caplog.text and "fashion" in caplog.text
+    assert not output.exists()
