@@ -75,9 +75,11 @@ TARGET_CPU_US = {"rest": 150.0, "grpc": 250.0}
 # The Open Inference Protocol's paths: the router's added latency on each within 10 % of TorchServe's protocol's
 # (issue "The Open Inference Protocol through the router").
 # v2-rest sends the protocol's JSON; v2-rest-binary Triton's binary extension, tritonclient's default (the
-# tensor's raw bytes after a JSON header, and the outputs asked for in binary).
-V2_OF = {"v2-rest": "rest", "v2-rest-binary": "rest", "v2-grpc": "grpc"}
+# tensor's raw bytes after a JSON header, and the outputs asked for in binary). v2-grpc sends the tensor in typed
+# contents; v2-grpc-raw in raw_input_contents, what tritonclient's gRPC client sends (the answer comes raw too).
+V2_OF = {"v2-rest": "rest", "v2-rest-binary": "rest", "v2-grpc": "grpc", "v2-grpc-raw": "grpc"}
 V2_REST = ("v2-rest", "v2-rest-binary")
+V2_GRPC = ("v2-grpc", "v2-grpc-raw")
 V2_ADDED_WITHIN = 0.10
 ADDED_FLOOR_MS = 0.1  # a bound on the v2 added latency never below this, whatever TorchServe's protocol measured
 TORCHSERVE_V2 = ("torchserve-v2-rest", "torchserve-v2-grpc")  # TorchServe's own v2 endpoints: direct only
@@ -178,14 +180,17 @@ def v2_npy(image: Path) -> bytes:
     return TensorRequest("bench", "UINT8", (1, 28, 28), v2_pixels(image)).upstream_body()
 
 
-def v2_grpc_request(model: str, version: str, image: Path) -> Any:
-    """The same tensor as a gRPC ModelInferRequest, in typed contents (TorchServe's own v2 service takes no raw
-    contents)."""
+def v2_grpc_request(model: str, version: str, image: Path, raw: bool = False) -> Any:
+    """The same tensor as a gRPC ModelInferRequest: in typed contents (TorchServe's own v2 service takes no raw
+    contents), or in `raw_input_contents`, the tensor's bytes."""
     pb2 = protos.load("open_inference_grpc_pb2")
     pixels = v2_pixels(image)
     request = pb2.ModelInferRequest(model_name=model, model_version=version, id="bench")
     tensor = request.inputs.add(name="images", datatype="UINT8", shape=list(pixels.shape))
-    tensor.contents.uint_contents.extend(pixels.ravel().tolist())
+    if raw:
+        request.raw_input_contents.append(pixels.tobytes())
+    else:
+        tensor.contents.uint_contents.extend(pixels.ravel().tolist())
     return request
 
 
@@ -291,12 +296,13 @@ def rest_request(protocol: str, path: str, target: Endpoint, image: Path,
 def grpc_request(protocol: str, path: str, target: Endpoint, image: Path, png: bytes) -> tuple[str, Any]:
     """(service, message) of a gRPC load: the same mapping as `rest_request`."""
     version = target.version or ""
-    if protocol == "grpc" or (protocol == "v2-grpc" and path == "direct"):
+    if protocol == "grpc" or (protocol in V2_GRPC and path == "direct"):
         data = png if protocol == "grpc" else v2_npy(image)
         return "torchserve", protos.load("inference_pb2").PredictionsRequest(
             model_name=target.model, model_version=version, input={"data": data})
     service = "torchserve-v2" if protocol == "torchserve-v2-grpc" else "router-v2"
-    return service, v2_grpc_request(target.model, "" if service == "torchserve-v2" else version, image)
+    return service, v2_grpc_request(target.model, "" if service == "torchserve-v2" else version, image,
+                                    raw=protocol == "v2-grpc-raw")
 
 
 def pinned_arm(experiment: Experiment, model: str | None) -> Arm:

@@ -12,11 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from loadtest.router_overhead import pinned_arm
+from loadtest.router_overhead import pinned_arm, v2_grpc_request, v2_pixels
 from loadtest.workload import read_samples, summarize, users_for_rate
 from router.config import load_config
+from router.open_inference import parse_grpc
 from serving import server
 from serving.project import REPO
 from tests.conftest import Chain
@@ -120,3 +123,16 @@ def test_the_router_overhead_pins_the_full_arm_whatever_form_serves_it() -> None
     assert pinned_arm(fashion, fashion.arms[1].target.model) == fashion.arms[1]
     with pytest.raises(SystemExit, match="serves no arm of experiment fashion"):
         pinned_arm(fashion, "fashion-nothing")
+
+
+def test_the_router_overhead_sends_one_tensor_in_typed_and_in_raw_grpc_contents(tmp_path: Path) -> None:
+    """v2-grpc and v2-grpc-raw load the router with the same image: the router reads the same pixels from both,
+    and answers the raw request in raw contents (as tritonclient's gRPC client expects)."""
+    image = tmp_path / "gradient.png"
+    Image.fromarray(np.arange(28 * 28, dtype=np.uint32).reshape(28, 28).astype(np.uint8), mode="L").save(image)
+    typed = parse_grpc(v2_grpc_request("fashion", "", image))
+    raw = parse_grpc(v2_grpc_request("fashion", "", image, raw=True))
+    assert typed.array is not None and raw.array is not None
+    assert raw.array.tobytes() == typed.array.tobytes() == v2_pixels(image).tobytes()
+    assert raw.shape == typed.shape == (1, 28, 28) and raw.datatype == typed.datatype == "UINT8"
+    assert raw.raw_outputs and not typed.raw_outputs
