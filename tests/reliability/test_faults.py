@@ -157,6 +157,9 @@ def test_an_arm_whose_target_is_taken_away_under_load_loses_no_request(stack: St
         gone_s = time.monotonic() - taken_at
         time.sleep(3.0)
     finally:
+        # The gone window ends when the scale-up starts: its worker may answer before the call (and the wait for
+        # TorchServe to list it) returns.
+        restoring_at = time.monotonic()
         scale(stack.torchserve, "fashion-pruned", 1)
     restored_at = time.monotonic()
     try:
@@ -166,17 +169,17 @@ def test_an_arm_whose_target_is_taken_away_under_load_loses_no_request(stack: St
         load.stop.set()
         pool.shutdown(wait=True)
     tally = counts(load.outcomes)
-    during = counts([o for o in load.outcomes if taken_at + gone_s + 0.5 < o[0] < restored_at])
-    arms_during = {arm for t, _, arm in load.outcomes if taken_at + gone_s + 0.5 < t < restored_at}
+    during = counts([o for o in load.outcomes if taken_at + gone_s + 0.5 < o[0] < restoring_at])
+    arms_during = {arm for t, _, arm in load.outcomes if taken_at + gone_s + 0.5 < t < restoring_at}
     back = first_ok_after(load.outcomes, restored_at, "pruned")
     # The fault bit: requests did reach the arm without workers. TorchServe either refused them (503: the router
     # retried them on int8) or held them in the model's queue until its worker was back (answered by pruned only
-    # after it was restored, seconds after they were sent); which one depends on when the scale-down lands. A
+    # after the scale-up began, seconds after they were sent); which one depends on when the scale-down lands. A
     # request may be held from the moment the scale-down starts (the synchronous call returns only once the worker
     # has stopped), or a moment before: one sent 0.5 s before it would otherwise have been answered long before.
     retried = load.retried_from.count("pruned")
     held = [sent for sent, answered, arm in load.answered
-            if arm == "pruned" and taken_at - 0.5 < sent < restored_at < answered]
+            if arm == "pruned" and taken_at - 0.5 < sent < restoring_at < answered]
     chaos_report.add("Faults under load", f"**An arm's target taken away.** `fashion-pruned` scaled to 0 workers "
                      f"for {restored_at - taken_at:.1f} s and back to 1 while 4 clients sent {len(load.outcomes)} "
                      f"requests through the router (experiment `{EXPERIMENT}`, arms pruned and int8): outcomes "
