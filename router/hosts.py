@@ -109,14 +109,22 @@ class TorchServeHosts:
             log.warning("TorchServe host %s retired (%s no longer resolves to it)", name, resolve.name)
             state = self.hosts.pop(name)
             state.retired = True
-            for metric in (self.metrics.host_circuit_open, self.metrics.host_attempts):
-                for labels in [labels for labels in _label_sets(metric) if labels[0] == name]:
-                    metric.remove(*labels)
             if state.in_flight == 0:
-                await state.client.close()
+                await self._close_retired(state)
             else:
-                self._retired.append(state)  # closed by its last attempt
+                self._retired.append(state)  # closed by its last attempt, once that is counted
         self.metrics.hosts.set(len(self.hosts))
+
+    async def _close_retired(self, state: HostState) -> None:
+        """Close a host no longer resolved and drop its metrics, so hosts that come and go (pods) leave no
+        series behind."""
+        if state in self._retired:
+            self._retired.remove(state)
+        if state.host.name not in self.hosts:  # not resolved again meanwhile (the series are the new host's then)
+            for metric in (self.metrics.host_circuit_open, self.metrics.host_attempts):
+                for labels in [labels for labels in _label_sets(metric) if labels[0] == state.host.name]:
+                    metric.remove(*labels)
+        await state.client.close()
 
     async def resolve_forever(self) -> None:
         resolve = self.torchserve.resolve
@@ -166,12 +174,22 @@ class TorchServeHosts:
 
     async def _attempt(self, state: HostState, target: Target, request: InferenceRequest, timeout_s: float,
                        now: float) -> Reply:
+        state.in_flight += 1
+        try:
+            return await self._try_host(state, target, request, timeout_s, now)
+        finally:
+            state.in_flight -= 1
+            if state.retired and state.in_flight == 0:
+                await self._close_retired(state)
+
+    async def _try_host(self, state: HostState, target: Target, request: InferenceRequest, timeout_s: float,
+                        now: float) -> Reply:
+        """One try on one host, counted against it (its circuit, the model's circuit on it, its metrics)."""
         state.breaker.attempt(now)
         model = state.models.get(target)
         if model is not None:
             model.attempt(now)
         limit_s = request.timeout_s(timeout_s)
-        state.in_flight += 1
         try:
             reply = await state.client.infer(target, request, limit_s)
             if reply.status == 404:  # every host is to serve every target: this one lacks it (a rolling update?)
@@ -187,11 +205,6 @@ class TorchServeHosts:
         except UpstreamUnavailable as error:  # this host's key file is missing or its key refused
             self._failed(state, target, "connection", error.message)
             raise
-        finally:
-            state.in_flight -= 1
-            if state.retired and state.in_flight == 0:
-                self._retired.remove(state)
-                await state.client.close()
         self.metrics.host_attempts.labels(state.host.name, "ok").inc()
         if state.breaker.success():
             self.metrics.host_circuit_open.labels(state.host.name).set(0)

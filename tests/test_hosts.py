@@ -87,8 +87,8 @@ def test_the_less_busy_of_two_random_hosts() -> None:
 class Blackhole:
     """A TCP port that accepts connections and never answers: a host that stopped answering."""
 
-    def __init__(self) -> None:
-        self.socket = socket.create_server(("127.0.0.1", 0))
+    def __init__(self, address: str = "127.0.0.1", port: int = 0) -> None:
+        self.socket = socket.create_server((address, port))
         self.port = self.socket.getsockname()[1]
         self.accepted: list[socket.socket] = []
         self.thread = threading.Thread(target=self._accept, daemon=True)
@@ -229,3 +229,114 @@ def test_a_router_with_a_dead_host_answers_everything_and_shows_its_hosts(torchs
     # failures: 2, reset_s: 1 in launch's settings: taken out, and at most on probation since
     assert described["hosts"][dead.name]["circuit"] in ("open", "half-open")
     assert described["hosts"][live_host(torchserve).name]["circuit"] == "closed"
+
+
+class Resolver:
+    """What a DNS name resolves to, changed by the test: the event loop's getaddrinfo, as `router.hosts` calls it.
+    None: the lookup fails (a DNS outage)."""
+
+    def __init__(self, name: str, addresses: list[str]) -> None:
+        self.name = name
+        self.addresses: list[str] | None = addresses
+        self.lookups = 0
+
+    async def getaddrinfo(self, host: str, port: int, **kwargs: Any) -> list[tuple[Any, ...]]:
+        assert host == self.name and kwargs.get("type") == socket.SOCK_STREAM
+        self.lookups += 1
+        if self.addresses is None:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in self.addresses]
+
+
+@pytest.mark.router
+def test_hosts_follow_what_a_dns_name_resolves_to() -> None:
+    """A name's addresses become the hosts (looked up again every `every_s`): a new address is added, one that is
+    gone is retired — its client closed, its metrics dropped, but only once the attempt it is answering is over —
+    and a failed lookup keeps the hosts there are. Addresses on loopback, all with the same ports, as the pods
+    behind a headless Service: 127.0.0.5 accepts connections and never answers, the others refuse them."""
+    inference, management, grpc_port = free_ports(3)
+    silent = Blackhole("127.0.0.5", inference)
+    resolve = Resolve("torchserve.test", inference, management, grpc_port, every_s=0.05)
+    resolver = Resolver(resolve.name, ["127.0.0.2", "127.0.0.5"])
+    request = InferenceRequest("m", REST, body=b"x", content_type="image/png")
+
+    async def until(condition: Any, what: str) -> None:
+        for _ in range(200):  # at most 2 s
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"not within 2 s: {what}")
+
+    async def looked_up_again() -> None:
+        """Until a lookup made after now has been followed: the one after it has begun (they run one by one)."""
+        lookups = resolver.lookups
+        await until(lambda: resolver.lookups >= lookups + 2, "two more lookups")
+
+    async def main() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        loop.getaddrinfo = resolver.getaddrinfo  # type: ignore[method-assign]
+        metrics = Metrics()
+        pool = TorchServeHosts(TorchServe(hosts=(), resolve=resolve), Timeouts(connect_s=0.5, request_s=1.0),
+                               CircuitBreakerSettings(failures=100, reset_s=30), metrics, random.Random(1))
+        await pool.open()
+        following = asyncio.create_task(pool.resolve_forever())
+        seen: dict[str, Any] = {"opened": sorted(pool.hosts), "count": metrics.registry.get_sample_value(
+            "router_hosts")}
+        try:
+            gone = pool.hosts[f"127.0.0.5:{inference}"]
+            # Each attempt tries both hosts (failures: 100 keeps every circuit closed): one refuses, one times out.
+            with pytest.raises(AttemptFailed):
+                await pool.infer(Target("m"), request, 0.05)
+            seen["silent_counted"] = attempts(metrics, gone.host, "timeout")
+            # The next holds the silent host while the name stops resolving to it.
+            hanging = asyncio.create_task(pool.infer(Target("m"), request, 1.0))
+            await until(lambda: gone.in_flight == 1, "an attempt in flight on the silent host")
+            resolver.addresses = ["127.0.0.2", "127.0.0.3"]
+            await looked_up_again()
+            seen["moved"] = sorted(pool.hosts)
+            seen["retired_open"] = gone.retired and not gone.client.transport.session.closed
+            with pytest.raises(AttemptFailed):
+                await hanging
+            seen["retired_closed"] = gone.client.transport.session.closed and not pool._retired
+            seen["gone_metrics"] = attempts(metrics, gone.host, "timeout")
+            resolver.addresses = None
+            await looked_up_again()
+            seen["kept"] = sorted(pool.hosts)
+            resolver.addresses = ["127.0.0.3"]
+            await looked_up_again()
+            seen["last"] = sorted(pool.hosts)
+            seen["count_last"] = metrics.registry.get_sample_value("router_hosts")
+        finally:
+            following.cancel()
+            await pool.close()
+        return seen
+
+    try:
+        seen = asyncio.run(main())
+    finally:
+        silent.close()
+    names = {address: f"{address}:{inference}" for address in ("127.0.0.2", "127.0.0.3", "127.0.0.5")}
+    assert seen["opened"] == [names["127.0.0.2"], names["127.0.0.5"]] and seen["count"] == 2
+    assert seen["silent_counted"] == 1
+    assert seen["moved"] == [names["127.0.0.2"], names["127.0.0.3"]]
+    assert seen["retired_open"], "a retired host was closed under its attempt in flight"
+    assert seen["retired_closed"], "a retired host was not closed after its last attempt"
+    assert seen["gone_metrics"] == 0, "a retired host's metrics outlived it (its last attempt counted again)"
+    assert seen["kept"] == seen["moved"], "a failed lookup changed the hosts"
+    assert seen["last"] == [names["127.0.0.3"]] and seen["count_last"] == 1
+
+
+@pytest.mark.router
+def test_a_real_name_resolves_to_hosts() -> None:
+    """The system's resolver, not a stand-in: localhost becomes a host on 127.0.0.1 with the name's ports."""
+    resolve = Resolve("localhost", *free_ports(3))
+
+    async def main() -> list[str]:
+        pool = TorchServeHosts(TorchServe(hosts=(), resolve=resolve), Timeouts(), CircuitBreakerSettings())
+        await pool.open()
+        try:
+            return sorted(pool.hosts)
+        finally:
+            await pool.close()
+
+    assert f"127.0.0.1:{resolve.inference_port}" in asyncio.run(main())
