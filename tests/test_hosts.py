@@ -26,6 +26,7 @@ from router.upstream import AttemptFailed
 from serving.instance import free_ports
 from tests.conftest import encode_image
 from tests.test_router import launch
+from tests.test_store import until
 
 EXPERIMENT = {"arms": {"a": {"model": "m", "weight": 1}}}
 
@@ -260,17 +261,10 @@ def test_hosts_follow_what_a_dns_name_resolves_to() -> None:
     resolver = Resolver(resolve.name, ["127.0.0.2", "127.0.0.5"])
     request = InferenceRequest("m", REST, body=b"x", content_type="image/png")
 
-    async def until(condition: Any, what: str) -> None:
-        for _ in range(200):  # at most 2 s
-            if condition():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"not within 2 s: {what}")
-
     async def looked_up_again() -> None:
         """Until a lookup made after now has been followed: the one after it has begun (they run one by one)."""
         lookups = resolver.lookups
-        await until(lambda: resolver.lookups >= lookups + 2, "two more lookups")
+        await until(lambda: resolver.lookups >= lookups + 2, timeout_s=2)
 
     async def main() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -290,7 +284,7 @@ def test_hosts_follow_what_a_dns_name_resolves_to() -> None:
             seen["silent_counted"] = attempts(metrics, gone.host, "timeout")
             # The next holds the silent host while the name stops resolving to it.
             hanging = asyncio.create_task(pool.infer(Target("m"), request, 1.0))
-            await until(lambda: gone.in_flight == 1, "an attempt in flight on the silent host")
+            await until(lambda: gone.in_flight == 1, timeout_s=2)  # an attempt in flight on the silent host
             resolver.addresses = ["127.0.0.2", "127.0.0.3"]
             await looked_up_again()
             seen["moved"] = sorted(pool.hosts)

@@ -169,8 +169,8 @@ def test_an_arm_whose_target_is_taken_away_under_load_loses_no_request(stack: St
         load.stop.set()
         pool.shutdown(wait=True)
     tally = counts(load.outcomes)
-    during = counts([o for o in load.outcomes if taken_at + gone_s + 0.5 < o[0] < restoring_at])
-    arms_during = {arm for t, _, arm in load.outcomes if taken_at + gone_s + 0.5 < t < restoring_at}
+    gone = [o for o in load.outcomes if taken_at + gone_s + 0.5 < o[0] < restoring_at]
+    during, arms_during = counts(gone), {arm for _, _, arm in gone}
     back = first_ok_after(load.outcomes, restored_at, "pruned")
     # The fault bit: requests did reach the arm without workers. TorchServe either refused them (503: the router
     # retried them on int8) or held them in the model's queue until its worker was back (answered by pruned only
